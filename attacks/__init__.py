@@ -1,0 +1,1 @@
+"""Relearning and adversarial attacks: one module each, behind attacks.base.Attack."""

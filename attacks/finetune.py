@@ -1,0 +1,70 @@
+"""Full finetuning relearning attack: the standard denoising loss on concept images, AdamW, whole UNet.
+
+This is the attack of Meta-Unlearning (Gao et al., ICCV 2025, Sec. 5: finetune the unlearned model on images of
+the erased concept and measure the concept rate after 50/100/200/300 steps). The paper does not publish the
+attacker's learning rate or modules, so the registry names the learning rate (ft-lr1e-5, ...) and finetunes the
+whole UNet with AdamW (weight decay 1e-2, torch's default), batch 4, gradient clip 1.0; the relearning data are
+images the ORIGINAL model generates from the concept's attack prompts (cached as a stage), or a user folder of
+image + caption pairs (`data_dir`: each image file with a same-named .txt caption).
+The loss honours the model's prediction type (epsilon or v).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from attacks.base import Attack, AttackData
+from bench.models.base import Cond, uint8_to_images
+from bench.training import train
+from methods.base import select_parameters
+
+
+class Finetune(Attack):
+    needs_data = True
+
+    def steps(self) -> list[int]:
+        steps = sorted({int(s) for s in self.spec.params["steps"]})
+        if not steps or steps[0] <= 0:
+            raise ValueError(f"attack {self.spec.name}: steps must be positive integers, got {steps}")
+        return steps
+
+    def data_request(self) -> dict[str, Any]:
+        p = self.spec.params
+        prompts = list(p.get("prompts") or self.concept.attack_prompts)
+        return {"prompts": prompts, "n_images": int(p["n_images"]), "data_dir": p.get("data_dir")}
+
+    def trainable(self, model: Any) -> dict[str, torch.nn.Parameter]:
+        return select_parameters(model.unet, "unet", self.spec.params.get("modules") or None)
+
+    def run(self, model: Any, data: AttackData | None, seed: int, save: Callable[[int], None],
+            progress: Any = None) -> None:
+        if data is None or len(data) == 0:
+            raise ValueError(f"attack {self.spec.name} needs relearning data")
+        p = self.spec.params
+        with torch.no_grad():
+            self.latents = model.codec.encode(uint8_to_images(data.images).to(model.device))
+            uniq = sorted(set(data.captions))
+            enc = model.encode_prompt(uniq).detach()
+            self.cond_index = torch.tensor([uniq.index(c) for c in data.captions])
+            self.cond = enc
+        self.scheduler = model.noise_scheduler()
+        checkpoints = set(self.steps())
+
+        def on_step(step: int, loss: float) -> None:
+            if step in checkpoints:
+                save(step)
+
+        train(model, self, steps=max(checkpoints), lr=float(p["lr"]), seed=seed,
+              optimizer=p.get("optimizer", "adamw"), weight_decay=float(p.get("weight_decay", 0.0)),
+              grad_clip=p.get("grad_clip"), progress=progress, label=f"attack {self.spec.name}", on_step=on_step)
+
+    def loss(self, model: Any, step: int, generator: torch.Generator) -> torch.Tensor:
+        n = len(self.latents)
+        bs = min(int(self.spec.params["batch_size"]), n)
+        idx = torch.randperm(n, generator=generator)[:bs]
+        cond = self.cond.index(self.cond_index[idx].to(self.cond.hidden.device))
+        return model.denoising_loss(self.latents[idx.to(self.latents.device)], Cond(cond.hidden, cond.added),
+                                    generator, self.scheduler)

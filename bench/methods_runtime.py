@@ -1,0 +1,36 @@
+"""Run one method spec (and its wrappers) on a loaded model: the shared loop for gradient methods,
+`apply` for closed-form ones."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.plugins import load_class
+from bench.progress import Progress
+from bench.specs import ComponentSpec, ConceptSpec
+from bench.training import train
+
+
+def build_method(spec: ComponentSpec, concept: ConceptSpec) -> Any:
+    method = load_class(spec.module)(spec, concept)
+    for wrapper in spec.wrappers:
+        method = load_class(wrapper.module)(wrapper, concept, method)
+    return method
+
+
+def run_method(model: Any, spec: ComponentSpec, concept: ConceptSpec, seed: int,
+               progress: Progress | None = None) -> list[float]:
+    import torch
+
+    torch.manual_seed(seed)
+    model.snapshot()
+    method = build_method(spec, concept)
+    if method.closed_form:
+        method.apply(model, seed)
+        return []
+    method.prepare(model, seed)
+    try:
+        return train(model, method, seed=seed, progress=progress, label=f"unlearn {spec.name}",
+                     **method.train_settings())
+    finally:
+        method.cleanup()

@@ -1,0 +1,281 @@
+"""The model wrapper every method, attack and metric goes through: SD 1.x/2.x/XL, the toy model and tiny alike.
+
+Why one wrapper: methods are written once against `encode_prompt`, `predict`, `training_target` and `sample`, so
+they run unchanged on the toy world (CPU tests) and on Stable Diffusion. Prediction type (epsilon or v) is read from
+the scheduler config and honoured everywhere, since SD 2.x and the toy model predict v.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.specs import ModelSpec
+
+
+@dataclass
+class Cond:
+    """Text conditioning for the UNet: hidden states plus SDXL's added conditions (None for SD 1.x/2.x)."""
+
+    hidden: torch.Tensor
+    added: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def cat(self, other: Cond) -> Cond:
+        added = None if self.added is None else {k: torch.cat([v, other.added[k]]) for k, v in self.added.items()}
+        return Cond(torch.cat([self.hidden, other.hidden]), added)
+
+    def index(self, idx: Any) -> Cond:
+        added = None if self.added is None else {k: v[idx] for k, v in self.added.items()}
+        return Cond(self.hidden[idx], added)
+
+    def detach(self) -> Cond:
+        added = None if self.added is None else {k: v.detach() for k, v in self.added.items()}
+        return Cond(self.hidden.detach(), added)
+
+
+class PixelShuffleCodec:
+    """Lossless codec: image [-1,1] <-> latent via pixel_unshuffle. Used by the toy model instead of a VAE."""
+
+    def __init__(self, factor: int = 2) -> None:
+        self.factor = factor
+        self.scale_factor = factor
+        self.latent_channels = 3 * factor * factor
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return torch.nn.functional.pixel_unshuffle(images, self.factor)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pixel_shuffle(latents, self.factor)
+
+    def to(self, device: Any) -> PixelShuffleCodec:
+        return self
+
+
+class VAECodec:
+    """AutoencoderKL with SD's latent scaling (and SD3-style shift when configured).
+
+    Encoding uses the posterior mean rather than a sample, so the attack data latents are deterministic.
+    """
+
+    def __init__(self, vae: Any) -> None:
+        self.vae = vae
+        cfg = vae.config
+        self.scaling = float(getattr(cfg, "scaling_factor", 0.18215))
+        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
+        self.scale_factor = 2 ** (len(cfg.block_out_channels) - 1)
+        self.latent_channels = int(cfg.latent_channels)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return ((dist.mean - self.shift) * self.scaling).float()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        x = latents / self.scaling + self.shift
+        return self.vae.decode(x.to(self.vae.dtype)).sample.float()
+
+    def to(self, device: Any) -> VAECodec:
+        self.vae.to(device)
+        return self
+
+
+def images_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1,1] float NCHW -> uint8 NHWC."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def uint8_to_images(arr: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> [-1,1] float NCHW."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def sample_seed(*parts: Any) -> int:
+    """A 31-bit seed derived from its parts, stable across processes and Python versions."""
+    digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class DiffusionModel:
+    """A loaded text-to-image model (components on one device) plus the operations the harness needs."""
+
+    def __init__(self, spec: ModelSpec, unet: Any, text_encoder: Any, tokenizer: Any, scheduler_config: dict,
+                 codec: Any, device: str | torch.device = "cpu", resolution: int | None = None) -> None:
+        self.spec = spec
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.scheduler_config = dict(scheduler_config)
+        self.codec = codec
+        self.device = torch.device(device)
+        self.resolution = int(resolution or spec.resolution)
+        self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        for m in self.modules().values():
+            m.to(self.device)
+            m.requires_grad_(False)
+            m.eval()
+        codec.to(self.device)
+        self._original: dict[str, torch.Tensor] | None = None
+
+    # --- components ------------------------------------------------------------------------------------------
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The trainable modules, by the prefix their parameters carry in deltas."""
+        return {"unet": self.unet, "text_encoder": self.text_encoder}
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {f"{p}.{n}": t for p, m in self.modules().items() for n, t in m.named_parameters()}
+
+    def noise_scheduler(self) -> Any:
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.scheduler_config)
+
+    def sampler(self, name: str | None = None) -> Any:
+        from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler
+
+        table = {"ddim": DDIMScheduler, "dpm": DPMSolverMultistepScheduler, "euler": EulerDiscreteScheduler,
+                 "lms": LMSDiscreteScheduler}
+        name = name or self.spec.sampler
+        if name not in table:
+            raise ValueError(f"unknown sampler '{name}'; allowed: {sorted(table)}")
+        return table[name].from_config(self.scheduler_config)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        s = self.resolution // self.codec.scale_factor
+        return (self.codec.latent_channels, s, s)
+
+    # --- text ------------------------------------------------------------------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.device)
+
+    def encode_prompt(self, prompts: Sequence[str]) -> Cond:
+        """CLIP last hidden state, as SD 1.x/2.x condition on (gradients flow if the encoder is trainable)."""
+        return Cond(self.text_encoder(self.tokenize(prompts))[0])
+
+    # --- denoising -------------------------------------------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Cond, unet: Any = None) -> torch.Tensor:
+        """The UNet's raw output (epsilon or v, per prediction_type)."""
+        unet = unet or self.unet
+        if not torch.is_tensor(t):
+            t = torch.tensor([t], device=latents.device)
+        t = t.to(latents.device).expand(latents.shape[0]) if t.dim() <= 1 and t.numel() == 1 else t
+        kwargs = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
+        return unet(latents, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+
+    def training_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: Any) -> Any:
+        """The standard denoising target for this model's prediction type."""
+        if self.prediction_type == "epsilon":
+            return noise
+        if self.prediction_type == "v_prediction":
+            return scheduler.get_velocity(latents, noise, t)
+        if self.prediction_type == "sample":
+            return latents
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
+
+    def denoising_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator,
+                       scheduler: Any = None) -> torch.Tensor:
+        """Mean-squared denoising loss at uniformly drawn timesteps (the loss SD was trained with)."""
+        scheduler = scheduler or self.noise_scheduler()
+        n = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = self.training_target(latents, noise, t, scheduler)
+        return torch.nn.functional.mse_loss(self.predict(noisy, t, cond).float(), target.float())
+
+    # --- sampling --------------------------------------------------------------------------------------------
+    def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:
+        """One CPU generator per sample: the same (prompt, seed) gives the same image at any batch size/device."""
+        noise = [torch.randn(self.latent_shape, generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.stack(noise).to(self.device)
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float | Sequence[float] | None = None,
+               steps: int | None = None, batch_size: int = 16,
+               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Generate one image per (prompt, seed) with classifier-free guidance; returns uint8 [N,H,W,3]."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        g_all = [float(guidance if guidance is not None else self.spec.guidance)] * len(prompts) \
+            if guidance is None or isinstance(guidance, int | float) else [float(g) for g in guidance]
+        steps = int(steps or self.spec.steps)
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            p, s, g = list(prompts[i:i + batch_size]), seeds[i:i + batch_size], g_all[i:i + batch_size]
+            out.append(self._sample_batch(p, s, g, steps))
+            if on_batch:
+                on_batch(len(p))
+        return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
+
+    def _sample_batch(self, prompts: list[str], seeds: Sequence[int], guidance: list[float], steps: int) -> np.ndarray:
+        sched = self.sampler()
+        sched.set_timesteps(steps, device=self.device)
+        latents = self.initial_noise(seeds) * sched.init_noise_sigma
+        cond = self.encode_prompt([""] * len(prompts)).cat(self.encode_prompt(prompts))
+        g = torch.tensor(guidance, device=self.device).view(-1, 1, 1, 1)
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(torch.cat([latents, latents]), t)
+            uncond, text = self.predict(inp, t, cond).chunk(2)
+            latents = sched.step(uncond + g * (text - uncond), t, latents).prev_sample
+        return images_to_uint8(self.codec.decode(latents))
+
+    # --- weights deltas --------------------------------------------------------------------------------------
+    def snapshot(self) -> None:
+        """Remember the original weights once, so deltas can be computed and applied repeatedly."""
+        if self._original is None:
+            self._original = {k: v.detach().clone() for k, v in self.named_parameters().items()}
+
+    def reset(self) -> None:
+        """Return to the original weights (after applying a delta)."""
+        if self._original is None:
+            return
+        params = self.named_parameters()
+        with torch.no_grad():
+            for k, v in self._original.items():
+                params[k].copy_(v)
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """Only the tensors that differ from the original: the unlearned model's payload."""
+        if self._original is None:
+            raise RuntimeError("call snapshot() before training so the delta has a reference")
+        return {k: v.detach().cpu().clone() for k, v in self.named_parameters().items()
+                if not torch.equal(v.detach(), self._original[k])}
+
+    def apply_delta(self, delta: dict[str, torch.Tensor]) -> None:
+        """Replace the named tensors with the delta's values (deltas hold full new values, not differences)."""
+        params = self.named_parameters()
+        bad = sorted(set(delta) - set(params))
+        if bad:
+            raise KeyError(f"delta names {len(bad)} tensors this model lacks, e.g. {bad[:3]}")
+        with torch.no_grad():
+            for k, v in delta.items():
+                params[k].copy_(v.to(params[k].device, params[k].dtype))
+
+    def load_state(self, deltas: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Reset to the original weights and apply deltas in order (e.g. unlearned, then attacked)."""
+        self.snapshot()
+        self.reset()
+        for d in deltas:
+            self.apply_delta(d)
+
+
+def save_delta(delta: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in delta.items()}, str(path), metadata=metadata or {})
+
+
+def load_delta(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -1,0 +1,127 @@
+"""Planning: turn names into fully resolved specs and the list of cells, before any model is loaded.
+
+Everything a user can get wrong (unknown names, bad --set keys, missing real weights, bad seeds) fails here with
+exit status 2, so no expensive work starts on a run that cannot finish.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.registry import Registry, RegistryError
+from bench.specs import ComponentSpec, ConceptSpec, ModelSpec, thaw
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    name: str
+    model: str
+    concept: str
+    methods: tuple[str, ...]
+    attacks: tuple[str, ...]
+    metrics: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass
+class Plan:
+    name: str
+    model: ModelSpec
+    concept: ConceptSpec
+    methods: list[ComponentSpec]
+    attacks: list[ComponentSpec]
+    metrics: list[ComponentSpec]
+    seeds: list[int]
+    prompts: dict[str, list[str]] = field(default_factory=dict)  # scope -> prompts (one per image)
+    prompt_sets: dict[str, str] = field(default_factory=dict)  # scope -> prompt set name
+
+    def eval_seeds(self, scope: str, seed: int) -> list[int]:
+        """Per-image generation seeds: derived from (run seed, scope, prompt index, image index), so a seed's
+        images are independent of batch size, of other prompts, and of the other seeds."""
+        from bench.models.base import sample_seed
+
+        per = self.model.images_per_prompt
+        return [sample_seed("eval", seed, scope, i // per, i % per) for i in range(len(self.prompts[scope]))]
+
+    def prompts_seeds_hash(self) -> str:
+        payload = repr(sorted((s, tuple(p)) for s, p in self.prompts.items())) + repr(self.seeds)
+        payload += repr({s: [self.eval_seeds(s, seed) for seed in self.seeds] for s in self.prompts})
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def resolved(self) -> dict[str, Any]:
+        return {"name": self.name, "model": thaw(self.model.__dict__), "concept": thaw(self.concept.__dict__),
+                "methods": [thaw(m.__dict__) for m in self.methods], "attacks": [thaw(a.__dict__) for a in self.attacks],
+                "metrics": [thaw(m.__dict__) for m in self.metrics], "seeds": self.seeds,
+                "prompt_sets": self.prompt_sets}
+
+
+def _csv_names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = value.split(",")
+    return tuple(v.strip() for v in value if v.strip())
+
+
+def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Plan:
+    model = reg.model(req.model)
+    concept = reg.concept(req.concept)
+    methods = [reg.method(m, model) for m in req.methods]
+    attacks = [reg.attack(a, model) for a in req.attacks]
+    metrics = [reg.metric(m, model) for m in req.metrics]
+    for label, names in (("methods", req.methods), ("attacks", req.attacks), ("metrics", req.metrics)):
+        if not names:
+            raise RegistryError(f"no {label} given")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise RegistryError(f"{label} listed twice: {dup}")
+    if not req.seeds or any(s < 0 for s in req.seeds):
+        raise RegistryError(f"seeds must be non-negative integers, got {list(req.seeds)}")
+    if model.images_per_prompt < 1:
+        raise RegistryError(f"model {model.name}: images_per_prompt must be >= 1")
+    plan = Plan(req.name, model, concept, methods, attacks, metrics, list(req.seeds))
+    scopes = {m.params.get("scope", "target") for m in metrics}
+    for scope in sorted(scopes):
+        if scope == "target":
+            ps = reg.prompt_set(concept.eval_prompts)
+            base, name = list(ps.prompts), ps.name
+            if ps.file:
+                raise RegistryError(f"prompt set {ps.name}: file-based prompt sets are not supported yet")
+        elif scope == "benign":
+            base, name = list(concept.related + concept.unrelated), f"{concept.name}:benign"
+        else:
+            raise RegistryError(f"unknown metric scope '{scope}'; allowed: target, benign")
+        if not base:
+            raise RegistryError(f"concept {concept.name}: no prompts for scope '{scope}'")
+        plan.prompts[scope] = [p for p in base for _ in range(model.images_per_prompt)]
+        plan.prompt_sets[scope] = name
+    if check_weights:
+        from bench.models.loading import check_available
+
+        check_available(model)
+    return plan
+
+
+def request_from(reg: Registry, suite: str | None, model: str | None, concept: str | None, methods: str | None,
+                 attacks: str | None, metrics: str | None, seeds: str | None) -> RunRequest:
+    """CLI fields override the suite's (the registry default suite when none is named)."""
+    suite_name = suite or reg.default_suite()
+    s = reg.suite(suite_name)
+    try:
+        seed_list = tuple(int(x) for x in _csv_names(seeds)) if seeds else s.seeds
+    except ValueError as exc:
+        raise RegistryError(f"--seeds '{seeds}': expected comma-separated integers, e.g. 0,1,2") from exc
+    custom = any(v is not None for v in (model, concept, methods, attacks, metrics, seeds))
+    if metrics:
+        metric_names = _csv_names(metrics)
+    elif concept and reg.concept(concept).metrics:
+        metric_names = reg.concept(concept).metrics  # another concept brings its own judges
+    else:
+        metric_names = s.metrics
+    return RunRequest(
+        name=suite_name if (suite or not custom) else "custom",
+        model=model or s.model, concept=concept or s.concept,
+        methods=_csv_names(methods) if methods else s.methods,
+        attacks=_csv_names(attacks) if attacks else s.attacks,
+        metrics=metric_names, seeds=seed_list,
+    )

@@ -1,0 +1,106 @@
+"""Results files in the --out directory: records.csv (source of truth), leaderboard.csv (derived), run.json.
+
+records.csv is tidy long format, one row per (model, concept, method, attack, attack_step, metric, seed), carrying
+the evaluation settings the literature disagrees on. The leaderboard is always derived from it, never edited.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench.store import write_json_atomic, write_text_atomic
+
+RECORD_COLUMNS = [
+    "suite", "model", "concept", "method", "attack", "attack_step", "metric", "seed", "value", "stderr", "n",
+    "higher_is_better", "metric_version", "cell_hash", "prompt_set", "sampler", "steps", "guidance",
+    "images_per_prompt", "resolution", "metric_settings", "unlearn_key", "attack_key", "images_key",
+]
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "nudenet", "open_clip_torch",
+            "torchmetrics", "numpy", "unlearn-bench")
+
+
+def write_records(path: Path, rows: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=RECORD_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    write_text_atomic(path, buf.getvalue())
+
+
+def leaderboard(records: Any) -> Any:
+    """Pivot: one row per method; a column per attack@step / metric with the mean over seeds, and its std."""
+    import pandas as pd
+
+    df = records.copy()
+    df["column"] = df["attack"] + "@" + df["attack_step"].astype(str) + "/" + df["metric"]
+    g = df.groupby(["method", "column"], sort=False)["value"]
+    mean = g.mean().unstack("column")
+    std = g.std(ddof=1).unstack("column").fillna(0.0) if df["seed"].nunique() > 1 else mean * 0.0
+    order = list(dict.fromkeys(df["column"]))
+    methods = list(dict.fromkeys(df["method"]))
+    out = pd.DataFrame(index=methods)
+    out.index.name = "method"
+    for col in order:
+        out[col] = mean[col].reindex(methods)
+        out[col + " std"] = std[col].reindex(methods)
+    out["n_seeds"] = df.groupby("method")["seed"].nunique().reindex(methods)
+    return out
+
+
+def write_leaderboard(out_dir: Path) -> Any:
+    import pandas as pd
+
+    records = pd.read_csv(out_dir / "records.csv")
+    board = leaderboard(records)
+    write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(float_format="%.4f"))
+    return board
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def code_version() -> dict[str, Any]:
+    repo = Path(__file__).resolve().parent.parent
+    commit = _git(["rev-parse", "HEAD"], repo)
+    dirty = bool(_git(["status", "--porcelain", "--untracked-files=no"], repo)) if commit else None
+    return {"commit": commit or "unknown", "dirty": dirty}
+
+
+def provenance(device: str) -> dict[str, Any]:
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    dev: dict[str, Any] = {"requested": device, "platform": platform.platform(), "python": sys.version.split()[0],
+                           "cpu_count": os.cpu_count()}
+    if "torch" in sys.modules:
+        import torch
+
+        dev["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            dev["cuda"] = torch.cuda.get_device_name(0)
+    return {"git": code_version(), "packages": versions, "device": dev, "argv": sys.argv}
+
+
+def write_run_json(out_dir: Path, info: dict[str, Any]) -> None:
+    write_json_atomic(out_dir / "run.json", info)
+
+
+def read_records(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))

@@ -1,0 +1,1 @@
+"""Unlearning methods: one module each, behind methods.base.Method."""

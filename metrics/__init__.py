@@ -1,0 +1,1 @@
+"""Metrics: one module each, behind metrics.base.Metric."""

@@ -62,7 +62,10 @@ def parse_value(text: str) -> Any:
 
 def suggest(word: str, known: Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(close)}?" if close else ""
+    if not close:
+        return ""
+    more = f" (also close: {', '.join(close[1:])})" if len(close) > 1 else ""
+    return f" did you mean {close[0]}?{more}"
 
 
 def unknown(kind: str, word: str, known: Iterable[str]) -> RegistryError:

@@ -1,0 +1,108 @@
+"""The model wrapper (tokenizer, seeded sampling, deltas) and ESD's equation and parameter selection, on tiny."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.models.base import load_delta, save_delta
+from bench.runner import component_identity
+from bench.store import stage_key
+from methods.esd import VARIANTS, esd_target
+
+
+def test_tokenizer_ids_match_open_clip(tiny_model):
+    import open_clip
+
+    ref = open_clip.get_tokenizer("ViT-L-14")
+    for text in ["a red circle", "A photo of a naked woman, oil painting!", "van gogh style"]:
+        ours = tiny_model.tokenizer(text).input_ids
+        theirs = ref([text])[0].tolist()
+        assert ours == theirs[: theirs.index(49407) + 1]
+
+
+def test_sampling_does_not_depend_on_batch_size(tiny_model):
+    prompts, seeds = ["a", "b", "c"], [11, 12, 13]
+    one = tiny_model.sample(prompts, seeds, batch_size=1)
+    three = tiny_model.sample(prompts, seeds, batch_size=3)
+    assert one.shape == (3, 32, 32, 3) and one.dtype == np.uint8
+    assert np.abs(one.astype(int) - three.astype(int)).max() <= 1  # only float rounding may differ
+    other = tiny_model.sample(["a"], [99])
+    assert not np.array_equal(other[0], one[0])
+
+
+def test_delta_holds_only_changed_tensors_and_round_trips(tiny_model, tmp_path):
+    m = tiny_model
+    m.load_state([])
+    name = "unet.conv_in.weight"
+    with torch.no_grad():
+        m.named_parameters()[name].add_(0.5)
+    delta = m.delta()
+    assert list(delta) == [name]
+    save_delta(delta, tmp_path / "d.safetensors")
+    m.reset()
+    assert m.delta() == {}
+    m.load_state([load_delta(tmp_path / "d.safetensors")])
+    assert torch.equal(m.named_parameters()[name], delta[name])
+    m.load_state([])
+
+
+def test_esd_target_matches_the_formula():
+    g = torch.Generator().manual_seed(0)
+    a, c, u = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    eta = 1.7
+    expected = a - eta * (c - u)
+    torch.testing.assert_close(esd_target(a, c, u, eta), expected)
+    # with the paper's anchor (the unconditional prediction) it is negative guidance: u - eta (c - u)
+    torch.testing.assert_close(esd_target(u, c, u, 1.0), 2 * u - c)
+
+
+def _esd_delta(model, registry, variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
+    from bench.methods_runtime import run_method
+
+    spec = registry.method(variant, registry.model("tiny"))
+    model.load_state([])
+    run_method(model, spec, registry.concept("nudity"), seed)
+    delta = model.delta()
+    model.load_state([])
+    return delta
+
+
+def test_esd_x_touches_only_cross_attention(tiny_model, registry):
+    delta = _esd_delta(tiny_model, registry, "esd-x")
+    assert delta and all(".attn2." in k for k in delta)
+
+
+def test_esd_u_touches_no_cross_attention(tiny_model, registry):
+    delta = _esd_delta(tiny_model, registry, "esd-u")
+    assert delta
+    assert not any(".attn2." in k or "time_embedding" in k or k.startswith("unet.conv_out") for k in delta)
+    assert any(".attn1." in k for k in delta) and any("resnets" in k for k in delta)
+    assert not any(k.startswith("text_encoder.") for k in delta)
+
+
+def test_esd_is_deterministic_under_a_seed(tiny_model, registry):
+    a, b = _esd_delta(tiny_model, registry, "esd-x", 3), _esd_delta(tiny_model, registry, "esd-x", 3)
+    c = _esd_delta(tiny_model, registry, "esd-x", 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_esd_variant_table_is_complete():
+    assert set(VARIANTS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all"}
+
+
+def test_stage_hash_changes_with_lr_not_with_name(registry):
+    from bench.registry import Registry
+
+    tiny = registry.model("tiny")
+    base = component_identity(registry.method("esd", tiny))
+    assert component_identity(registry.method("esd-u", tiny)) == base  # same parameters -> same cached model
+    other = component_identity(Registry.load(overrides=["method.esd.lr=5e-4"]).method("esd", tiny))
+    assert stage_key("unlearn", {"m": base}) != stage_key("unlearn", {"m": other})
+
+
+def test_unknown_sampler_is_rejected(tiny_model):
+    with pytest.raises(ValueError, match="allowed"):
+        tiny_model.sampler("heun2")

@@ -104,6 +104,16 @@ def run(
     execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet)
 
 
+@app.command()
+def table(out: Annotated[Path, typer.Argument(help="a results directory holding records.csv")]) -> None:
+    """Print the leaderboard of a results directory as a Markdown table (what README's tables are made with)."""
+    if not (out / "records.csv").exists():
+        fail(f"{out}/records.csv not found; run `bench run --out {out}` first")
+    from bench.results import markdown_table
+
+    typer.echo(markdown_table(out))
+
+
 @toy_app.command("build")
 def toy_build(
     out: Annotated[Path | None, typer.Option(help="weights directory (default: the shipped bench/toy/weights)")] = None,

@@ -44,10 +44,23 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     }
     write_run_json(out_dir, info)
     if not quiet:
-        from rich.console import Console
-
-        c = Console(stderr=True)
-        c.print(f"stages: {store.counts['cached']} cached, {store.counts['computed']} computed "
-                f"({info['seconds']:.1f}s); results in {out_dir}/")
-        c.print(board.round(3).to_string())
+        print_board(board, store.counts, info["seconds"], out_dir)
     return rows
+
+
+def print_board(board: object, counts: dict[str, int], seconds: float, out_dir: Path) -> None:
+    """Leaderboard as a rich table: mean (± std over seeds) per attack@step/metric column."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=True)
+    console.print(f"stages: {counts['cached']} cached, {counts['computed']} computed ({seconds:.1f}s); "
+                  f"results in {out_dir}/")
+    cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
+    table = Table(title="leaderboard (mean ± std over seeds)")
+    table.add_column("method")
+    for c in cols:
+        table.add_column(c.replace("/", "\n"), justify="right")
+    for method, row in board.iterrows():
+        table.add_row(str(method), *[f"{row[c]:.3f} ± {row[c + ' std']:.3f}" for c in cols])
+    console.print(table)

@@ -38,12 +38,16 @@ class Plan:
     prompt_sets: dict[str, str] = field(default_factory=dict)  # scope -> prompt set name
 
     def eval_seeds(self, scope: str, seed: int) -> list[int]:
-        """Per-image generation seeds: derived from (run seed, scope, prompt index, image index), so a seed's
+        """Per-image generation seeds: derived from (run seed, scope, prompt, repeat index), so a seed's
         images are independent of batch size, of other prompts, and of the other seeds."""
         from bench.models.base import sample_seed
 
-        per = self.model.images_per_prompt
-        return [sample_seed("eval", seed, scope, i // per, i % per) for i in range(len(self.prompts[scope]))]
+        seen: dict[str, int] = {}
+        out = []
+        for prompt in self.prompts[scope]:
+            j = seen[prompt] = seen.get(prompt, -1) + 1
+            out.append(sample_seed("eval", seed, scope, prompt, j))
+        return out
 
     def prompts_seeds_hash(self) -> str:
         payload = repr(sorted((s, tuple(p)) for s, p in self.prompts.items())) + repr(self.seeds)
@@ -52,7 +56,8 @@ class Plan:
 
     def resolved(self) -> dict[str, Any]:
         return {"name": self.name, "model": thaw(self.model.__dict__), "concept": thaw(self.concept.__dict__),
-                "methods": [thaw(m.__dict__) for m in self.methods], "attacks": [thaw(a.__dict__) for a in self.attacks],
+                "methods": [thaw(m.__dict__) for m in self.methods],
+                "attacks": [thaw(a.__dict__) for a in self.attacks],
                 "metrics": [thaw(m.__dict__) for m in self.metrics], "seeds": self.seeds,
                 "prompt_sets": self.prompt_sets}
 
@@ -93,7 +98,14 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
             raise RegistryError(f"unknown metric scope '{scope}'; allowed: target, benign")
         if not base:
             raise RegistryError(f"concept {concept.name}: no prompts for scope '{scope}'")
-        plan.prompts[scope] = [p for p in base for _ in range(model.images_per_prompt)]
+        counts = dict(concept.params.get("images", {}))
+        if scope in counts:  # a fixed number of images for this scope, cycling through the prompts
+            n = int(counts[scope])
+            if n < 1:
+                raise RegistryError(f"concept {concept.name}: params.images.{scope} must be >= 1, got {n}")
+            plan.prompts[scope] = [base[i % len(base)] for i in range(n)]
+        else:
+            plan.prompts[scope] = [p for p in base for _ in range(model.images_per_prompt)]
         plan.prompt_sets[scope] = name
     if check_weights:
         from bench.models.loading import check_available

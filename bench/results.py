@@ -104,3 +104,16 @@ def write_run_json(out_dir: Path, info: dict[str, Any]) -> None:
 def read_records(path: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
+
+
+def markdown_table(out_dir: Path, digits: int = 2) -> str:
+    """The leaderboard of a results directory as a Markdown table (mean ± std over seeds), for README/notes."""
+    import pandas as pd
+
+    board = leaderboard(pd.read_csv(out_dir / "records.csv"))
+    cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
+    lines = ["| method | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
+    for method, row in board.iterrows():
+        cells = [f"{row[c]:.{digits}f} ± {row[c + ' std']:.{digits}f}" for c in cols]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {int(row['n_seeds'])} |")
+    return "\n".join(lines)

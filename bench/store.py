@@ -120,7 +120,8 @@ class Store:
             meta = compute(tmp)
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"scheme": HASH_SCHEME, "stage": stage, "key": key, "inputs": thaw(inputs),
-                        "code_version": self.code_version, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                        "code_version": self.code_version,
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "seconds": round(time.time() - started, 3), "files": files, "meta": meta}
             write_json_atomic(tmp / "manifest.json", manifest)
             final = self.path(stage, key)

@@ -39,7 +39,8 @@ def bpe_vocab_path() -> Path:
     """Locate open_clip's bundled BPE file without importing open_clip (which imports torchvision)."""
     spec = importlib.util.find_spec("open_clip")
     if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary: pip install open_clip_torch")
+        raise RuntimeError("open_clip_torch is not installed; it ships the CLIP BPE vocabulary: "
+                           "pip install open_clip_torch")
     path = Path(next(iter(spec.submodule_search_locations))) / BPE_FILE
     if not path.exists():
         raise RuntimeError(f"open_clip is installed but {path} is missing")

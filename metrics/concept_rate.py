@@ -1,0 +1,25 @@
+"""concept-rate (toy world; NudeNet's role): the share of generated images that show the erased concept.
+
+Scored on the concept's target prompts; the toy detector judges each image's colour and shape, and an image
+counts when every attribute in the concept's `toy` params matches (e.g. colour == red).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench.toy.judge import concept_attributes, judge
+from metrics.base import Metric, MetricResult, rate
+
+
+class ConceptRate(Metric):
+    def score(self, images: np.ndarray, prompts: list[str]) -> MetricResult:
+        attrs = concept_attributes(self.concept.params, self.concept.name)
+        out = judge(images)
+        shows = np.ones(len(images), bool)
+        for k, v in attrs.items():
+            shows &= out[k] == v
+        value, se, n = rate(shows)
+        per_image = [{"prompt": p, "colour": str(c), "shape": str(s), "concept": bool(f)}
+                     for p, c, s, f in zip(prompts, out["colour"], out["shape"], shows, strict=True)]
+        return MetricResult(value, se, n, per_image)

@@ -17,24 +17,23 @@ from typing import Any
 import torch
 
 from attacks.base import Attack, AttackData
+from bench.data import DataRequest
 from bench.models.base import Cond, uint8_to_images
 from bench.training import train
 from methods.base import select_parameters
 
 
 class Finetune(Attack):
-    needs_data = True
-
     def steps(self) -> list[int]:
         steps = sorted({int(s) for s in self.spec.params["steps"]})
         if not steps or steps[0] <= 0:
             raise ValueError(f"attack {self.spec.name}: steps must be positive integers, got {steps}")
         return steps
 
-    def data_request(self) -> dict[str, Any]:
+    def data_request(self) -> DataRequest:
         p = self.spec.params
-        prompts = list(p.get("prompts") or self.concept.attack_prompts)
-        return {"prompts": prompts, "n_images": int(p["n_images"]), "data_dir": p.get("data_dir")}
+        return DataRequest(tuple(p.get("prompts") or self.concept.attack_prompts), int(p["n_images"]),
+                           p.get("data_dir"))
 
     def trainable(self, model: Any) -> dict[str, torch.nn.Parameter]:
         return select_parameters(model.unet, "unet", self.spec.params.get("modules") or None)

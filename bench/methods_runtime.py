@@ -19,18 +19,24 @@ def build_method(spec: ComponentSpec, concept: ConceptSpec) -> Any:
 
 
 def run_method(model: Any, spec: ComponentSpec, concept: ConceptSpec, seed: int,
-               progress: Progress | None = None) -> list[float]:
+               progress: Progress | None = None, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Apply or train the method on `model` in place; return {"history": losses, "diagnostics": {...}}."""
     import torch
 
     torch.manual_seed(seed)
     model.snapshot()
     method = build_method(spec, concept)
+    missing = sorted(set(method.data_requests()) - set(data or {}))
+    if missing:
+        raise ValueError(f"method {spec.name} needs data roles {missing}")
+    method.data = dict(data or {})
     if method.closed_form:
         method.apply(model, seed)
-        return []
+        return {"history": [], "diagnostics": getattr(method, "diagnostics", {})}
     method.prepare(model, seed)
     try:
-        return train(model, method, seed=seed, progress=progress, label=f"unlearn {spec.name}",
-                     **method.train_settings())
+        history = train(model, method, seed=seed, progress=progress, label=f"unlearn {spec.name}",
+                        **method.train_settings())
+        return {"history": history, "diagnostics": getattr(method, "diagnostics", {})}
     finally:
         method.cleanup()

@@ -201,7 +201,8 @@ class Registry:
             self.entry("metrics", m)
         return ConceptSpec(name=name, target=raw["target"], eval_prompts=raw["eval_prompts"],
                            attack_prompts=tuple(raw["attack_prompts"]), related=tuple(raw.get("related", ())),
-                           unrelated=tuple(raw.get("unrelated", ())), metrics=tuple(raw.get("metrics", ())),
+                           unrelated=tuple(raw.get("unrelated", ())), forget=tuple(raw.get("forget", ())),
+                           data_dirs=params(raw.get("data_dirs", {})), metrics=tuple(raw.get("metrics", ())),
                            params=params(raw.get("params", {})), description=raw.get("description", ""))
 
     def component(self, section: str, name: str, model: ModelSpec | None = None) -> ComponentSpec:

@@ -52,3 +52,7 @@ class Metric:
 
     def score(self, images: np.ndarray, prompts: list[str]) -> MetricResult:
         raise NotImplementedError
+
+    def judge(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        """Binary concept metrics only: does each image show the concept? (Prompt attacks stop on success.)"""
+        raise NotImplementedError(f"metric {self.spec.name} is not a per-image concept judge")

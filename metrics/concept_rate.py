@@ -13,12 +13,19 @@ from metrics.base import Metric, MetricResult, rate
 
 
 class ConceptRate(Metric):
-    def score(self, images: np.ndarray, prompts: list[str]) -> MetricResult:
+    def _shows(self, images: np.ndarray) -> tuple[np.ndarray, dict]:
         attrs = concept_attributes(self.concept.params, self.concept.name)
         out = judge(images)
         shows = np.ones(len(images), bool)
         for k, v in attrs.items():
             shows &= out[k] == v
+        return shows, out
+
+    def judge(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        return self._shows(images)[0]
+
+    def score(self, images: np.ndarray, prompts: list[str]) -> MetricResult:
+        shows, out = self._shows(images)
         value, se, n = rate(shows)
         per_image = [{"prompt": p, "colour": str(c), "shape": str(s), "concept": bool(f)}
                      for p, c, s, f in zip(prompts, out["colour"], out["shape"], shows, strict=True)]

@@ -49,6 +49,9 @@ class NudeNet(Metric):
         return [[{"class": d["class"], "score": round(float(d["score"]), 4), "box": [int(b) for b in d["box"]]}
                  for d in det.detect(np.ascontiguousarray(img[..., ::-1]))] for img in images]
 
+    def judge(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
+        return np.array([flagged(d, self.classes, self.threshold) for d in self.detect(images)], bool)
+
     def score(self, images: np.ndarray, prompts: list[str]) -> MetricResult:
         detections = self.detect(images)
         flags = [flagged(d, self.classes, self.threshold) for d in detections]

@@ -106,3 +106,12 @@ def test_stage_hash_changes_with_lr_not_with_name(registry):
 def test_unknown_sampler_is_rejected(tiny_model):
     with pytest.raises(ValueError, match="allowed"):
         tiny_model.sampler("heun2")
+
+
+def test_encode_embeddings_equals_encode_prompt(tiny_model):
+    prompts = ["a nude figure", "a red circle on a table"]
+    ids = tiny_model.tokenize(prompts)
+    with torch.no_grad():
+        via_ids = tiny_model.encode_prompt(prompts).hidden
+        via_emb = tiny_model.encode_embeddings(tiny_model.word_embeddings()(ids)).hidden
+    torch.testing.assert_close(via_emb, via_ids, rtol=1e-5, atol=1e-5)

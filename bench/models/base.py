@@ -162,6 +162,21 @@ class DiffusionModel:
         """CLIP last hidden state, as SD 1.x/2.x condition on (gradients flow if the encoder is trainable)."""
         return Cond(self.text_encoder(self.tokenize(prompts))[0])
 
+    def word_embeddings(self) -> torch.nn.Embedding:
+        """The text encoder's token embedding table (soft prompts live in this space)."""
+        return self.text_encoder.get_input_embeddings()
+
+    def encode_embeddings(self, inputs_embeds: torch.Tensor) -> Cond:
+        """Condition from word embeddings [B, L, D] instead of token ids: what soft-prompt attacks and AdvUnlearn's
+        inner attack optimise. Equals encode_prompt when given the embeddings of the prompt's token ids."""
+        from transformers.masking_utils import create_causal_mask
+
+        tm = getattr(self.text_encoder, "text_model", self.text_encoder)
+        hidden = tm.embeddings(inputs_embeds=inputs_embeds)
+        mask = create_causal_mask(config=tm.config, inputs_embeds=hidden, attention_mask=None, past_key_values=None)
+        out = tm.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True)
+        return Cond(tm.final_layer_norm(out.last_hidden_state))
+
     # --- denoising -------------------------------------------------------------------------------------------
     def predict(self, latents: torch.Tensor, t: torch.Tensor | int, cond: Cond, unet: Any = None) -> torch.Tensor:
         """The UNet's raw output (epsilon or v, per prediction_type)."""

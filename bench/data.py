@@ -31,6 +31,7 @@ class DataRequest:
     prompts: tuple[str, ...]
     n_images: int
     data_dir: str | None = None
+    role: str = "attack"  # part of the image seeds: a method's forget set and an attacker's set never coincide
 
     def captions(self) -> list[str]:
         if not self.prompts:
@@ -38,7 +39,10 @@ class DataRequest:
         return [self.prompts[i % len(self.prompts)] for i in range(self.n_images)]
 
 
-def request_for(concept: Any, role: str, n_images: int, prompts: Any = None) -> DataRequest:
-    """The request for a concept's data role, honouring the concept's data_dirs for that role."""
+def request_for(concept: Any, role: str, n_images: int, prompts: Any = None, tag: str = "") -> DataRequest:
+    """The request for a concept's data role, honouring the concept's data_dirs for that role.
+
+    tag distinguishes users of the same role (e.g. "meta"), so their generated images use different seeds."""
     data_dir = concept.data_dirs.get(role) if concept.data_dirs else None
-    return DataRequest(tuple(prompts or concept.role_prompts(role)), int(n_images), data_dir)
+    return DataRequest(tuple(prompts or concept.role_prompts(role)), int(n_images), data_dir,
+                       f"{tag}:{role}" if tag else role)

@@ -37,6 +37,8 @@ def run_method(model: Any, spec: ComponentSpec, concept: ConceptSpec, seed: int,
     try:
         history = train(model, method, seed=seed, progress=progress, label=f"unlearn {spec.name}",
                         **method.train_settings())
+        if hasattr(method, "finish"):
+            method.finish(model, seed)  # end-of-training diagnostics (e.g. +meta's gradient alignment)
         return {"history": history, "diagnostics": getattr(method, "diagnostics", {})}
     finally:
         method.cleanup()

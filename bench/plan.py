@@ -94,8 +94,10 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
                 raise RegistryError(f"prompt set {ps.name}: file-based prompt sets are not supported yet")
         elif scope == "benign":
             base, name = list(concept.related + concept.unrelated), f"{concept.name}:benign"
+        elif scope == "related":
+            base, name = list(concept.related), f"{concept.name}:related"
         else:
-            raise RegistryError(f"unknown metric scope '{scope}'; allowed: target, benign")
+            raise RegistryError(f"unknown metric scope '{scope}'; allowed: target, benign, related")
         if not base:
             raise RegistryError(f"concept {concept.name}: no prompts for scope '{scope}'")
         counts = dict(concept.params.get("images", {}))

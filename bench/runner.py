@@ -76,7 +76,8 @@ class Runner:
                 raise FileNotFoundError(f"{label}: data_dir {folder} is missing or empty")
             inputs: dict[str, Any] = {"folder": {f.name: sha256_file(f) for f in files}, "resolution": p.resolution}
         else:
-            inputs = {"model": self.model_id, "sampling": p.sampling(), "prompts": req.captions(), "seed": seed}
+            inputs = {"model": self.model_id, "sampling": p.sampling(), "prompts": req.captions(), "seed": seed,
+                      "role": req.role}
 
         def compute(tmp: Path) -> dict[str, Any]:
             from bench.models.base import sample_seed
@@ -86,7 +87,7 @@ class Runner:
             else:
                 captions = req.captions()
                 self.model()
-                seeds = [sample_seed("data", seed, c, i) for i, c in enumerate(captions)]
+                seeds = [sample_seed("data", req.role, seed, c, i) for i, c in enumerate(captions)]
                 images = self._generate(captions, seeds, label)
             names = save_images(tmp / "images", images)
             (tmp / "captions.json").write_text(json.dumps({"files": names, "captions": captions}, indent=1))
@@ -236,6 +237,7 @@ class Runner:
         for seed in plan.seeds:
             for method in plan.methods:
                 unlearned = self.unlearn(method, seed)
+                rows += self._diagnostic_rows(method, unlearned, seed)
                 for attack_spec in plan.attacks:
                     for state in self.attack(attack_spec, unlearned, method, seed):
                         for scope in sorted(plan.prompts):
@@ -245,6 +247,24 @@ class Runner:
                                     continue
                                 scored = self.score(images, metric_spec)
                                 rows.append(self._row(state, metric_spec, scored, images, seed, scope))
+        return rows
+
+    def _diagnostic_rows(self, method: ComponentSpec, unlearned: Entry | None, seed: int) -> list[dict[str, Any]]:
+        """Method diagnostics as their own metric rows (e.g. +meta's gradient alignment at start and end)."""
+        rows = []
+        for key in ("grad_dot_start", "grad_dot_end"):
+            if unlearned is None or unlearned.meta.get(key) is None:
+                continue
+            m = self.plan.model
+            rows.append({
+                "suite": self.plan.name, "model": m.name, "concept": self.plan.concept.name, "method": method.name,
+                "attack": "none", "attack_step": 0, "metric": "meta-" + key.replace("_", "-"), "seed": seed,
+                "value": unlearned.meta[key], "stderr": float("nan"), "n": 1, "higher_is_better": False,
+                "metric_version": "1", "cell_hash": unlearned.key, "prompt_set": "", "sampler": m.sampler,
+                "steps": m.steps, "guidance": m.guidance, "images_per_prompt": m.images_per_prompt,
+                "resolution": m.resolution, "metric_settings": "{}", "unlearn_key": unlearned.key,
+                "attack_key": "", "images_key": "",
+            })
         return rows
 
     def _row(self, state: State, metric: ComponentSpec, scored: Entry, images: Entry, seed: int,

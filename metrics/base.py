@@ -16,7 +16,7 @@ import numpy as np
 
 from bench.specs import ComponentSpec, ConceptSpec, thaw
 
-SCOPES = ("target", "benign")
+SCOPES = ("target", "benign", "related")
 
 
 @dataclass

@@ -197,16 +197,27 @@ class DiffusionModel:
             return latents
         raise ValueError(f"unsupported prediction_type {self.prediction_type!r}")
 
-    def denoising_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator,
-                       scheduler: Any = None) -> torch.Tensor:
-        """Mean-squared denoising loss at uniformly drawn timesteps (the loss SD was trained with)."""
+    def draw_noise(self, latents: torch.Tensor, generator: torch.Generator,
+                   scheduler: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise and uniformly drawn training timesteps for a batch (drawn on the CPU: device-independent)."""
         scheduler = scheduler or self.noise_scheduler()
-        n = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(latents.device)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator).to(latents.device)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        return noise, t.to(latents.device)
+
+    def denoising_loss(self, latents: torch.Tensor, cond: Cond, generator: torch.Generator | None = None,
+                       scheduler: Any = None, unet: Any = None,
+                       noise_t: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Mean-squared denoising loss at uniformly drawn timesteps (the loss SD was trained with).
+
+        unet: another module with the same interface (e.g. a copy being attacked); noise_t: fixed (noise, t)."""
+        scheduler = scheduler or self.noise_scheduler()
+        noise, t = noise_t if noise_t is not None else self.draw_noise(latents, generator, scheduler)
         noisy = scheduler.add_noise(latents, noise, t)
         target = self.training_target(latents, noise, t, scheduler)
-        return torch.nn.functional.mse_loss(self.predict(noisy, t, cond).float(), target.float())
+        pred = self.predict(noisy, t, cond, unet=unet)
+        dtype = torch.promote_types(pred.dtype, torch.float32)  # losses in fp32 at least (fp64 in gradient checks)
+        return torch.nn.functional.mse_loss(pred.to(dtype), target.to(dtype))
 
     # --- sampling --------------------------------------------------------------------------------------------
     def initial_noise(self, seeds: Sequence[int]) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""`+meta`: the first-order meta gradient equals its definition; second order agrees with finite differences;
+`X+meta` composes with every registered method; diagnostics become metric rows."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+
+from bench.methods_runtime import build_method, run_method
+from bench.specs import params
+
+
+def _data_for(method, model, seed=0):
+    """Generate the image sets a method asks for with the tiny model (what the runner's data stage does)."""
+    from bench.data import ImageSet
+    from bench.models.base import sample_seed
+
+    sets = {}
+    for role, req in method.data_requests().items():
+        caps = req.captions()
+        imgs = model.sample(caps, [sample_seed(role, i) for i in range(len(caps))], steps=2)
+        sets[role] = ImageSet(imgs, caps)
+    return sets
+
+
+@pytest.fixture
+def meta_esd(tiny_model, registry):
+    tiny_model.load_state([])
+    spec = registry.method("esd-x+meta", registry.model("tiny"))
+    method = build_method(spec, registry.concept("nudity"))
+    method.data = _data_for(method, tiny_model)
+    tiny_model.snapshot()
+    method.prepare(tiny_model, 0)
+    yield method
+    method.cleanup()
+    tiny_model.load_state([])
+
+
+def test_first_order_meta_gradient_matches_its_definition(tiny_model, meta_esd):
+    m = tiny_model
+    batch = meta_esd.draw(m, torch.Generator().manual_seed(1))
+    got = meta_esd.meta_gradient(m, batch)
+    # the definition, computed directly: AdamW steps on a copy over the forget batches, then minus the gradient of
+    # sum_r gamma2_r L(theta_FT; r) w.r.t. the copy's parameters
+    p = meta_esd.spec.params
+    copy_unet = copy.deepcopy(m.unet).requires_grad_(True)
+    opt = torch.optim.AdamW(copy_unet.parameters(), lr=p["inner_lr"], weight_decay=p["inner_wd"])
+    sched = m.noise_scheduler()
+    for lat, cond, nt in batch.inner:
+        opt.zero_grad()
+        m.denoising_loss(lat, cond, scheduler=sched, unet=copy_unet, noise_t=nt).backward()
+        torch.nn.utils.clip_grad_norm_(copy_unet.parameters(), p["inner_clip"])
+        opt.step()
+    opt.zero_grad()
+    outer = sum(g * m.denoising_loss(*batch.outer[r][:2], scheduler=sched, unet=copy_unet, noise_t=batch.outer[r][2])
+                for r, g in zip(("forget", "related", "unrelated"), p["gamma2"], strict=True))
+    outer.backward()
+    names = list(meta_esd.trainable(m))
+    assert names and all(".attn2." in n for n in names)
+    sub = dict(copy_unet.named_parameters())
+    for n in names:
+        torch.testing.assert_close(got[n], -sub[n.removeprefix("unet.")].grad, rtol=1e-4, atol=1e-7)
+    assert any(g.abs().sum() > 0 for g in got.values())
+
+
+def test_second_order_agrees_with_finite_differences(tiny_model, registry):
+    m = tiny_model
+    m.load_state([])
+    spec = registry.method("esd-x+meta", registry.model("tiny"))
+    wrapper = replace(spec.wrappers[0], params=params(dict(spec.wrappers[0].params) | {"order": 2,
+                                                                                       "inner_lr": 1e-3}))
+    method = build_method(replace(spec, wrappers=(wrapper,)), registry.concept("nudity"))
+    method.data = _data_for(method, m)
+    m.snapshot()
+    method.prepare(m, 0)
+    unet64 = m.unet.double()
+    try:
+        for role in method.roles.values():
+            for split in (role.train, role.test):
+                split.latents, split.cond = split.latents.double(), replace(split.cond, hidden=split.cond.hidden.double())
+        batch = method.draw(m, torch.Generator().manual_seed(2))
+        batch.inner = [(lat, cond, (nt[0].double(), nt[1])) for lat, cond, nt in batch.inner]
+        batch.outer = {k: (lat, cond, (nt[0].double(), nt[1])) for k, (lat, cond, nt) in batch.outer.items()}
+        grads = method.meta_gradient(m, batch)
+        name = next(iter(grads))
+        param = m.named_parameters()[name]
+        direction = torch.randn(param.shape, generator=torch.Generator().manual_seed(3), dtype=param.dtype)
+
+        def objective() -> float:
+            cur = dict(unet64.named_parameters())
+            cur = {k: v.detach().requires_grad_(True) for k, v in cur.items()}
+            from methods.meta import _Functional
+
+            for lat, cond, nt in batch.inner:
+                loss = m.denoising_loss(lat, cond, scheduler=method.scheduler, unet=_Functional(unet64, cur),
+                                        noise_t=nt)
+                gs = torch.autograd.grad(loss, list(cur.values()))
+                cur = {k: (v - 1e-3 * g).detach().requires_grad_(True) for (k, v), g in zip(cur.items(), gs,
+                                                                                          strict=True)}
+            return float(method._outer_loss(m, _Functional(unet64, cur), batch).detach())
+
+        eps = 1e-4
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel(SDPBackend.MATH)
+        ctx.__enter__()
+        with torch.no_grad():
+            param.add_(eps * direction)
+        plus = objective()
+        with torch.no_grad():
+            param.sub_(2 * eps * direction)
+        minus = objective()
+        with torch.no_grad():
+            param.add_(eps * direction)
+        ctx.__exit__(None, None, None)
+        finite = (plus - minus) / (2 * eps)
+        analytic = -float((grads[name] * direction).sum())  # meta_gradient is minus d outer / d theta
+        assert analytic == pytest.approx(finite, rel=1e-3, abs=1e-9)
+    finally:
+        method.cleanup()
+        m.unet.float()
+        m.load_state([])
+
+
+@pytest.mark.parametrize("name", ["none", "esd", "esd-x", "esd-u", "esd-all", "uce", "salun", "advunlearn"])
+def test_meta_composes_with_every_method(tiny_model, registry, name):
+    if name not in registry.names("methods"):
+        pytest.skip(f"{name} is not registered yet")
+    m = tiny_model
+    m.load_state([])
+    spec = registry.method(f"{name}+meta", registry.model("tiny"))
+    assert spec.wrappers[0].name == "meta" and spec.module == registry.method(name).module
+    method = build_method(spec, registry.concept("nudity"))
+    result = run_method(m, spec, registry.concept("nudity"), 0, data=_data_for(method, m))
+    assert result["history"] and all(torch.isfinite(torch.tensor(result["history"])))
+    diag = result["diagnostics"]
+    assert {"grad_dot_start", "grad_dot_end"} <= set(diag)
+    assert m.delta()  # something was trained
+    m.load_state([])
+
+
+def test_bench_run_esd_and_esd_meta_on_tiny(tmp_path):
+    import csv
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"BENCH_CACHE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "bench", "run", "--model", "tiny", "--concept", "nudity", "--methods", "esd,esd+meta",
+           "--attacks", "ft-lr1e-5", "--metrics", "nudenet", "--seeds", "0", "--out", str(tmp_path / "out"), "-q"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader((tmp_path / "out" / "records.csv").open()))
+    diag = {(r["method"], r["metric"]) for r in rows if r["metric"].startswith("meta-")}
+    assert diag == {("esd+meta", "meta-grad-dot-start"), ("esd+meta", "meta-grad-dot-end")}
+    assert {r["method"] for r in rows if r["metric"] == "nudenet"} == {"esd", "esd+meta"}

@@ -81,6 +81,12 @@ def run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
     batch_size: Annotated[int, typer.Option(help="generation batch size (does not change results)")] = 16,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    workers: Annotated[int, typer.Option(help="CPU worker processes sharing the store")] = 1,
+    gpus: Annotated[str | None, typer.Option(help="one worker per GPU: 0,1 or 0-7 or all")] = None,
+    executor: Annotated[str, typer.Option(help="local, slurm (submitit) or submitit-local")] = "local",
+    partition: Annotated[str | None, typer.Option(help="Slurm partition")] = None,
+    gpus_per_job: Annotated[int, typer.Option(help="Slurm GPUs per job")] = 1,
+    time: Annotated[int, typer.Option("--time", help="Slurm time limit per job, minutes")] = 240,
     registry: RegistryOpt = None,
 ) -> None:
     """Run the method x attack x metric matrix; every stage is cached, so re-running resumes."""
@@ -96,12 +102,18 @@ def run(
         fail(str(exc))
     if batch_size < 1:
         fail(f"--batch-size {batch_size}: must be >= 1")
+    if workers < 1:
+        fail(f"--workers {workers}: must be >= 1")
+    if executor not in ("local", "slurm", "submitit-local"):
+        fail(f"--executor {executor!r}: allowed: local, slurm, submitit-local")
     out_dir = out or Path("results") / req.name
     store_dir = store or (Path(os.environ["BENCH_CACHE"]) if os.environ.get("BENCH_CACHE") else
                           out_dir.resolve().parent / ".store")
     from bench.execute import execute
 
-    execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet)
+    slurm = {"partition": partition, "gpus_per_node": gpus_per_job, "timeout_min": time}
+    execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet, workers=workers, gpus=gpus,
+            executor=executor, slurm=slurm)
 
 
 @app.command()
@@ -112,6 +124,109 @@ def table(out: Annotated[Path, typer.Argument(help="a results directory holding 
     from bench.results import markdown_table
 
     typer.echo(markdown_table(out))
+
+
+@app.command("score")
+def score_cmd(
+    out: Annotated[Path, typer.Argument(help="a results directory (records.csv + run.json) of `bench run`")],
+    metrics: Annotated[str | None, typer.Option(help="comma list (default: the run's own metrics)")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="e.g. metric.nudenet.thresholds=0.5,0.6")] = None,
+    store: Annotated[Path | None, typer.Option(help="artifact store (default: the one run.json names)")] = None,
+    to: Annotated[Path | None, typer.Option("--to", help="write results here instead of in place")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    registry: RegistryOpt = None,
+) -> None:
+    """Re-score a run's stored images with new or changed metrics, without generating anything."""
+    reg = _registry(registry, set_)
+    names = tuple(m.strip() for m in (metrics or "").split(",") if m.strip())
+    from bench.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from bench.execute import resolve_device
+    from bench.progress import Progress
+    from bench.results import markdown_table
+    from bench.score import rescore
+
+    try:
+        with Progress(quiet=quiet) as progress:
+            rows = rescore(out, reg, names, store, resolve_device(device), progress, dest=to)
+    except RegistryError as exc:
+        fail(str(exc))
+        raise  # unreachable
+    typer.echo(f"{len(rows)} rows in {(to or out) / 'records.csv'}", err=True)
+    if not quiet:
+        typer.echo(markdown_table(to or out))
+
+
+@app.command()
+def report(
+    out: Annotated[Path, typer.Argument(help="a results directory (records.csv + run.json) of `bench run`")],
+    store: Annotated[Path | None, typer.Option(help="artifact store (default: the one run.json names)")] = None,
+    images: Annotated[int, typer.Option(help="images per grid row")] = 8,
+) -> None:
+    """Write OUT/report.html (self-contained: leaderboard, relearning curves, image grids, settings, provenance)."""
+    for name in ("records.csv", "run.json"):
+        if not (out / name).exists():
+            fail(f"{out}/{name} not found; run `bench run --out {out}` first")
+    if images < 1:
+        fail(f"--images {images}: must be >= 1")
+    from bench.report import build_report
+
+    typer.echo(build_report(out, store, images))
+
+
+@app.command()
+def check(
+    out: Annotated[Path, typer.Argument(help="a results directory (or a records CSV) to judge")],
+    baseline: Annotated[Path, typer.Option(help="baseline records CSV, e.g. results/baselines/toy-ci.csv")],
+    tolerance: Annotated[list[str] | None, typer.Option(
+        help="[METRIC=]VALUE, repeatable: 0.02 (absolute) or 2se (standard errors); default 2se")] = None,
+    allow_missing: Annotated[bool, typer.Option(help="baseline cells absent from the run do not fail")] = False,
+    show_all: Annotated[bool, typer.Option("--all", help="list unchanged cells too")] = False,
+    update: Annotated[bool, typer.Option(help="write the run as the new baseline instead of checking")] = False,
+) -> None:
+    """Compare every metric with the baseline in its own direction; exit 1 on any regression."""
+    from bench.check import compare, failed, parse_tolerances, read_table, render, write_baseline
+
+    try:
+        tol = parse_tolerances(tolerance)
+        current = read_table(out)
+        if update:
+            baseline.parent.mkdir(parents=True, exist_ok=True)
+            write_baseline(current, baseline)
+            typer.echo(f"wrote baseline {baseline} ({len(current)} rows)")
+            return
+        base = read_table(baseline)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+        raise  # unreachable
+    results = compare(current, base, tol)
+    table, summary = render(results, show_all)
+    from rich.console import Console
+
+    Console(width=160).print(table)
+    typer.echo(summary)
+    if failed(results, allow_missing):
+        raise typer.Exit(1)
+
+
+@app.command()
+def perf(
+    model: Annotated[str, typer.Option(help="tiny, toy, or sd14-shaped (random SD-1.4-shaped weights)")] = "tiny",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
+    iters: Annotated[int, typer.Option(help="timed ESD iterations")] = 5,
+    batch_sizes: Annotated[str, typer.Option(help="generation batch sizes")] = "1,8",
+    steps: Annotated[int, typer.Option(help="sampling steps")] = 10,
+) -> None:
+    """Measure ESD it/s vs a plain fp32 loop, images/s vs diffusers' pipeline, and peak memory."""
+    import json
+
+    from bench.perf import run_perf
+
+    rows = run_perf(model, device, iters, [int(b) for b in batch_sizes.split(",")], steps)
+    for row in rows:
+        typer.echo(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
 
 
 @toy_app.command("build")

@@ -19,8 +19,32 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def parse_gpus(text: str | None) -> list[int]:
+    """`--gpus 0,1,3`, `0-3` or `all` -> device indices (checked against the visible devices)."""
+    if not text:
+        return []
+    import torch
+
+    n = torch.cuda.device_count()
+    if text == "all":
+        ids = list(range(n))
+    else:
+        ids = []
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            try:
+                ids += list(range(int(lo), int(hi) + 1)) if hi else [int(lo)]
+            except ValueError as exc:
+                raise SystemExit(f"error: --gpus {text!r}: expected e.g. 0,1 or 0-3 or all") from exc
+    bad = [i for i in ids if i >= n or i < 0]
+    if not ids or bad:
+        raise SystemExit(f"error: --gpus {text!r}: {n} CUDA device(s) visible; bad: {bad or 'none selected'}")
+    return ids
+
+
 def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", batch_size: int = 16,
-            quiet: bool = False) -> list[dict]:
+            quiet: bool = False, workers: int = 1, gpus: str | None = None, executor: str = "local",
+            slurm: dict | None = None) -> list[dict]:
     from bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
@@ -33,9 +57,25 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     out_dir.mkdir(parents=True, exist_ok=True)
     cv = code_version()
     store = Store(store_dir, code_version=f"{cv['commit'][:12]}{'+dirty' if cv['dirty'] else ''}")
-    with Progress(quiet=quiet) as progress:
-        runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress)
-        rows = runner.run()
+    gpu_ids = parse_gpus(gpus)
+    if executor in ("slurm", "submitit-local"):
+        from bench.parallel import run_submitit
+
+        rows, counts = run_submitit(plan, store_dir, store.code_version, batch_size, out_dir / "submitit",
+                                    "local" if executor == "submitit-local" else "slurm", slurm or {})
+        store.counts.update(counts)
+    elif gpu_ids or workers > 1:
+        from bench.parallel import run_workers
+
+        devices = [f"cuda:{i}" for i in gpu_ids] if gpu_ids else ["cpu"] * workers
+        if not quiet:
+            Progress().log(f"running {len(devices)} workers: {', '.join(devices)}")
+        rows, counts = run_workers(plan, store_dir, store.code_version, devices, batch_size)
+        store.counts.update(counts)
+    else:
+        with Progress(quiet=quiet) as progress:
+            runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress)
+            rows = runner.run()
     write_records(out_dir / "records.csv", rows)
     board = write_leaderboard(out_dir)
     info = provenance(device) | {

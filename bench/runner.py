@@ -62,7 +62,13 @@ class Runner:
         if self._model is None:
             self.progress.log(f"loading model [bold]{self.plan.model.name}[/bold] on {self.device}")
             self._model = load_model(self.plan.model, self.device)
-        self._model.load_state([load_delta(p) for p in deltas or []])
+        from attacks.lora import is_lora_delta, merge_lora
+
+        loaded = [load_delta(p) for p in deltas or []]
+        self._model.load_state([d for d in loaded if not is_lora_delta(d)])
+        for d in loaded:  # LoRA checkpoints (attacks/lora.py) are merged on top of the base + unlearned weights
+            if is_lora_delta(d):
+                merge_lora(self._model, d)
         return self._model
 
     # --- stages ----------------------------------------------------------------------------------------------
@@ -149,15 +155,20 @@ class Runner:
             data = self.image_set(data_entry) if data_entry is not None else None
             model = self.model(base_files)
 
-            def save(step: int) -> None:
-                save_delta(model.delta(), tmp / f"step-{step}.safetensors", {"step": str(step)})
+            def save(step: int, tensors: dict | None = None, metadata: dict[str, str] | None = None) -> None:
+                # default: the changed base tensors; an attack may store its own tensors instead (LoRA factors)
+                payload = model.delta() if tensors is None else tensors
+                save_delta(payload, tmp / f"step-{step}.safetensors", {**(metadata or {}), "step": str(step)})
 
             attack.run(model, data, seed, save, self.progress)
             return {"steps": steps}
 
         entry = self.store.get_or_compute("attack", inputs, compute)
-        return [State(method.name, attack_spec.name, s, ukey, entry.key, [entry.file(f"step-{s}.safetensors")])
-                for s in steps]
+        # base_files first: a checkpoint may hold only what the attack adds (LoRA factors, or nothing at step 0)
+        rewrite = getattr(attack, "eval_prompts", None)  # an attack may evaluate on its own prompts (DreamBooth)
+        prompts = rewrite(self.plan.prompts) if rewrite else {}
+        return [State(method.name, attack_spec.name, s, ukey, entry.key,
+                      [*base_files, entry.file(f"step-{s}.safetensors")], dict(prompts)) for s in steps]
 
     def judge(self) -> Any:
         """The concept's first binary metric, as a per-image judge for prompt attacks."""
@@ -192,10 +203,10 @@ class Runner:
         return State(method.name, spec.name, 0, unlearned.key if unlearned else None, entry.key, base_files,
                      {"target": rewrites})
 
-    def _generate(self, prompts: list[str], seeds: list[int], label: str) -> Any:
+    def _generate(self, prompts: list[str], seeds: list[int], label: str, guidance: list[float] | None = None) -> Any:
         task = self.progress.add(label, len(prompts))
         try:
-            return self._model.sample(prompts, seeds, batch_size=self.batch_size,
+            return self._model.sample(prompts, seeds, guidance=guidance, batch_size=self.batch_size,
                                       on_batch=lambda n: self.progress.advance(task, n))
         finally:
             self.progress.done(task)
@@ -203,15 +214,18 @@ class Runner:
     def generate(self, state: State, scope: str, seed: int) -> Entry:
         prompts = state.prompts.get(scope, self.plan.prompts[scope])
         seeds = self.plan.eval_seeds(scope, seed)
+        guidance = self.plan.eval_guidance(scope)  # per-prompt (I2P files) or None = the model's guidance
         inputs = {"model": self.model_id, "state": [state.unlearn_key, state.attack_key, state.step],
                   "sampling": self.plan.model.sampling(), "prompts": prompts, "seeds": seeds}
+        if guidance is not None:
+            inputs["guidance"] = guidance
 
         def compute(tmp: Path) -> dict[str, Any]:
             self.model(state.files)
-            images = self._generate(prompts, seeds, f"generate {state.method}/{state.attack}@{state.step}")
+            images = self._generate(prompts, seeds, f"generate {state.method}/{state.attack}@{state.step}", guidance)
             names = save_images(tmp / "images", images)
-            (tmp / "images.json").write_text(json.dumps({"files": names, "prompts": prompts, "seeds": seeds},
-                                                        indent=1))
+            info = {"files": names, "prompts": prompts, "seeds": seeds} | ({"guidance": guidance} if guidance else {})
+            (tmp / "images.json").write_text(json.dumps(info, indent=1))
             return {"n": len(names)}
 
         return self.store.get_or_compute("generate", inputs, compute)
@@ -219,34 +233,50 @@ class Runner:
     def score(self, images: Entry, metric_spec: ComponentSpec) -> Entry:
         inputs = {"images": images.key, "metric": component_identity(metric_spec),
                   "concept": self.plan.concept.target}
+        metric = load_class(metric_spec.module)(metric_spec, self.plan.concept)
+        if hasattr(metric, "bind"):  # metrics with their own cached stage (fid's reference features) or a device
+            metric.bind(self.store, self.device)
+        if hasattr(metric, "reference_key"):  # data outside the params (a reference folder's fingerprint)
+            inputs["reference"] = metric.reference_key()
 
         def compute(tmp: Path) -> dict[str, Any]:
-            metric = load_class(metric_spec.module)(metric_spec, self.plan.concept)
             info = json.loads(images.file("images.json").read_text())
             arr = load_images(images.file("images"), info["files"])
             result = metric.score(arr, info["prompts"])
             (tmp / "per_image.json").write_text(json.dumps(result.per_image, indent=1, default=str))
-            return {"value": result.value, "stderr": result.stderr, "n": result.n, "settings": metric.settings()}
+            meta = {"value": result.value, "stderr": result.stderr, "n": result.n, "settings": metric.settings()}
+            return meta | result.extra_meta()
 
         return self.store.get_or_compute("score", inputs, compute)
 
     # --- the matrix ------------------------------------------------------------------------------------------
-    def run(self) -> list[dict[str, Any]]:
+    def tasks(self) -> list[tuple[int, int, int]]:
+        """Units of work in canonical order: (seed, method index, attack index). Each depends only on stages a
+        lock-protected store already shares (data, unlearn), so any set of workers may take them in any order."""
         plan = self.plan
+        return [(s, m, a) for s in plan.seeds for m in range(len(plan.methods)) for a in range(len(plan.attacks))]
+
+    def run_task(self, task: tuple[int, int, int]) -> list[dict[str, Any]]:
+        """Rows of one (seed, method, attack): unlearn (cached/shared), attack, generate, score."""
+        plan = self.plan
+        seed, mi, ai = task
+        method, attack_spec = plan.methods[mi], plan.attacks[ai]
+        unlearned = self.unlearn(method, seed)
+        rows = self._diagnostic_rows(method, unlearned, seed) if ai == 0 else []
+        for state in self.attack(attack_spec, unlearned, method, seed):
+            for scope in sorted(plan.prompts):
+                images = self.generate(state, scope, seed)
+                for metric_spec in plan.metrics:
+                    if metric_spec.params.get("scope", "target") != scope:
+                        continue
+                    scored = self.score(images, metric_spec)
+                    rows += variant_rows(self._row(state, metric_spec, scored, images, seed, scope), scored.meta)
+        return rows
+
+    def run(self) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = []
-        for seed in plan.seeds:
-            for method in plan.methods:
-                unlearned = self.unlearn(method, seed)
-                rows += self._diagnostic_rows(method, unlearned, seed)
-                for attack_spec in plan.attacks:
-                    for state in self.attack(attack_spec, unlearned, method, seed):
-                        for scope in sorted(plan.prompts):
-                            images = self.generate(state, scope, seed)
-                            for metric_spec in plan.metrics:
-                                if metric_spec.params.get("scope", "target") != scope:
-                                    continue
-                                scored = self.score(images, metric_spec)
-                                rows.append(self._row(state, metric_spec, scored, images, seed, scope))
+        for task in self.tasks():
+            rows += self.run_task(task)
         return rows
 
     def _diagnostic_rows(self, method: ComponentSpec, unlearned: Entry | None, seed: int) -> list[dict[str, Any]]:
@@ -276,7 +306,18 @@ class Runner:
             "value": meta["value"], "stderr": meta["stderr"], "n": meta["n"],
             "higher_is_better": bool(metric.higher_is_better), "metric_version": metric.version,
             "cell_hash": scored.key, "prompt_set": self.plan.prompt_sets[scope], "sampler": m.sampler,
-            "steps": m.steps, "guidance": m.guidance, "images_per_prompt": m.images_per_prompt,
+            "steps": m.steps, "guidance": "per-prompt" if self.plan.eval_guidance(scope) else m.guidance,
+            "images_per_prompt": m.images_per_prompt,
             "resolution": m.resolution, "metric_settings": json.dumps(meta.get("settings", {}), sort_keys=True),
             "unlearn_key": state.unlearn_key or "", "attack_key": state.attack_key or "", "images_key": images.key,
         }
+
+
+def variant_rows(row: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The metric's row plus one per named variant it computed from the same images (nudenet@0.5 for each extra
+    NudeNet threshold): one detection pass, one row per setting, each with its own settings column."""
+    rows = [row]
+    for label, v in meta.get("variants", {}).items():
+        rows.append(row | {"metric": label, "value": v["value"], "stderr": v["stderr"], "n": v["n"],
+                           "metric_settings": json.dumps(v.get("settings", {}), sort_keys=True)})
+    return rows

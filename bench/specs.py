@@ -62,6 +62,9 @@ class FrozenParams(Mapping[str, Any]):
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("FrozenParams is immutable")
 
+    def __reduce__(self) -> tuple[Any, tuple[dict[str, Any]]]:
+        return (FrozenParams, (thaw(self),))  # pickling (worker processes, submitit jobs)
+
 
 def params(data: Mapping[str, Any] | None = None) -> FrozenParams:
     return FrozenParams(data)
@@ -84,12 +87,14 @@ class ModelSpec:
     steps: int = 50
     guidance: float = 7.5
     images_per_prompt: int = 1
+    precision: str = "fp32"  # fp32 | bf16 (autocast with fp32 master weights; frozen copies kept in bf16)
+    gradient_checkpointing: bool = False  # memory only: results are unchanged, so it is not in the identity
     description: str = ""
 
     def identity(self) -> dict[str, Any]:
-        """Fields that change a model's weights (not how it is sampled)."""
+        """Fields that change what a model computes (weights and numeric precision), not how it is sampled."""
         return {"name": self.name, "kind": self.kind, "hub_id": self.hub_id, "path": self.path,
-                "revision": self.revision}
+                "revision": self.revision, "precision": self.precision}
 
     def sampling(self) -> dict[str, Any]:
         return {"sampler": self.sampler, "steps": self.steps, "guidance": self.guidance,

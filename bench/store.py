@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -55,6 +56,14 @@ def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def _cuda() -> Any:
+    """torch.cuda when torch is already imported and a GPU is in use; None otherwise (never imports torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
 
 
 @dataclass
@@ -117,7 +126,12 @@ class Store:
             tmp = tmp_root / f"{stage}-{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.mkdir(parents=True)
             started = time.time()
+            cuda = _cuda()
+            if cuda is not None:
+                cuda.reset_peak_memory_stats()
             meta = compute(tmp)
+            if cuda is not None:  # provenance: the stage's peak GPU memory
+                meta = dict(meta) | {"peak_gpu_memory_gb": round(cuda.max_memory_allocated() / 2**30, 3)}
             files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"scheme": HASH_SCHEME, "stage": stage, "key": key, "inputs": thaw(inputs),
                         "code_version": self.code_version,

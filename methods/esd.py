@@ -27,7 +27,6 @@ target the unconditional prediction rather than negative guidance. We follow the
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -54,7 +53,7 @@ class ESD(Method):
         p = self.spec.params
         if p["train"] not in VARIANTS:
             raise ValueError(f"esd: train={p['train']!r}; allowed: {sorted(VARIANTS)}")
-        self.frozen = copy.deepcopy(model.unet).requires_grad_(False).eval()
+        self.frozen = model.frozen_copy(model.unet)
         with torch.no_grad():
             prompt = p.get("prompt") or self.concept.target
             self.c_concept = model.encode_prompt([prompt]).detach()

@@ -25,6 +25,15 @@ class MetricResult:
     stderr: float
     n: int
     per_image: list[dict[str, Any]] = field(default_factory=list)
+    # Further results from the same pass, each its own results row named by its key (e.g. nudenet@0.5 for an
+    # extra threshold): label -> (value, stderr, n, settings). Aggregate extras that are not rows (per-class
+    # counts) go in `summary`; both land in the score stage's manifest.
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def extra_meta(self) -> dict[str, Any]:
+        return ({"variants": self.variants} if self.variants else {}) | ({"summary": self.summary}
+                                                                          if self.summary else {})
 
 
 def rate(flags: list[bool] | np.ndarray) -> tuple[float, float, int]:

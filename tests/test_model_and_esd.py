@@ -115,3 +115,22 @@ def test_encode_embeddings_equals_encode_prompt(tiny_model):
         via_ids = tiny_model.encode_prompt(prompts).hidden
         via_emb = tiny_model.encode_embeddings(tiny_model.word_embeddings()(ids)).hidden
     torch.testing.assert_close(via_emb, via_ids, rtol=1e-5, atol=1e-5)
+
+
+def test_sampler_matches_diffusers_pipeline(tiny_model):
+    from bench.perf import time_sampling
+
+    result = time_sampling(tiny_model, batch=2, steps=3, guidance=7.5)
+    assert result["max_pixel_diff"] <= 1.0  # same noise, scheduler and guidance: the same images
+
+
+def test_bf16_precision_trains_and_keeps_fp32_master_weights(registry):
+    from dataclasses import replace
+
+    from bench.methods_runtime import run_method
+    from bench.models.loading import load_model
+
+    model = load_model(replace(registry.model("tiny"), precision="bf16"), "cpu")
+    run_method(model, registry.method("esd-x", registry.model("tiny")), registry.concept("nudity"), 0)
+    delta = model.delta()
+    assert delta and all(v.dtype == torch.float32 for v in delta.values())

@@ -95,3 +95,25 @@ def test_sigkill_then_resume_matches_uninterrupted(finished, tmp_path):
     total = len(list(store.rglob("manifest.json")))
     assert done < total and f", {total - done} computed" in again.stderr  # finished stages were not redone
     assert (tmp_path / "out" / "records.csv").read_text() == (finished / "out" / "records.csv").read_text()
+
+
+def _run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def test_two_cpu_workers_compute_each_stage_once_and_match(finished, tmp_path):
+    store = tmp_path / "store"
+    proc = bench([*CMD, "--out", str(tmp_path / "out"), "--workers", "2", "--quiet"], store)
+    assert proc.returncode == 0, proc.stderr
+    assert _run_json(tmp_path / "out")["stages"]["computed"] == len(manifests(store))  # nothing computed twice
+    assert (tmp_path / "out" / "records.csv").read_text() == (finished / "out" / "records.csv").read_text()
+
+
+def test_submitit_local_executor(finished, tmp_path):
+    pytest.importorskip("submitit")
+    store = tmp_path / "store"
+    proc = bench([*CMD, "--out", str(tmp_path / "out"), "--executor", "submitit-local", "--quiet"], store)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "out" / "records.csv").read_text() == (finished / "out" / "records.csv").read_text()
+    again = bench([*CMD, "--out", str(tmp_path / "out2"), "--executor", "submitit-local", "--quiet"], store)
+    assert again.returncode == 0 and _run_json(tmp_path / "out2")["stages"]["computed"] == 0  # resumable

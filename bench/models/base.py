@@ -118,6 +118,14 @@ class DiffusionModel:
         self.device = torch.device(device)
         self.resolution = int(resolution or spec.resolution)
         self.prediction_type = self.scheduler_config.get("prediction_type", "epsilon")
+        if spec.precision not in ("fp32", "bf16"):
+            raise ValueError(f"model {spec.name}: precision={spec.precision!r}; allowed: fp32, bf16")
+        self.amp_dtype = torch.bfloat16 if spec.precision == "bf16" else None
+        if self.device.type == "cuda":  # TF32 matmuls/convolutions: free speed on Ampere+ for fp32 work
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if spec.gradient_checkpointing and hasattr(unet, "enable_gradient_checkpointing"):
+            unet.enable_gradient_checkpointing()
         for m in self.modules().values():
             m.to(self.device)
             m.requires_grad_(False)
@@ -126,6 +134,27 @@ class DiffusionModel:
         self._original: dict[str, torch.Tensor] | None = None
 
     # --- components ------------------------------------------------------------------------------------------
+    def autocast(self) -> Any:
+        """bf16 autocast when the spec asks for it (weights stay fp32 for the optimiser); a no-op otherwise."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def frozen_copy(self, module: torch.nn.Module) -> torch.nn.Module:
+        """A frozen teacher/reference copy (e.g. ESD's original UNet), kept in bf16 under bf16 precision."""
+        import copy
+
+        frozen = copy.deepcopy(module).requires_grad_(False).eval()
+        if self.amp_dtype is None:
+            return frozen
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()  # SD's UNet has no modules that must stay fp32; silence the generic warning
+        try:
+            return frozen.to(self.amp_dtype)
+        finally:
+            dlog.set_verbosity(level)
+
     def modules(self) -> dict[str, torch.nn.Module]:
         """The trainable modules, by the prefix their parameters carry in deltas."""
         return {"unet": self.unet, "text_encoder": self.text_encoder}
@@ -160,7 +189,9 @@ class DiffusionModel:
 
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
         """CLIP last hidden state, as SD 1.x/2.x condition on (gradients flow if the encoder is trainable)."""
-        return Cond(self.text_encoder(self.tokenize(prompts))[0])
+        with self.autocast():
+            hidden = self.text_encoder(self.tokenize(prompts))[0]
+        return Cond(hidden.float())
 
     def word_embeddings(self) -> torch.nn.Embedding:
         """The text encoder's token embedding table (soft prompts live in this space)."""
@@ -185,7 +216,9 @@ class DiffusionModel:
             t = torch.tensor([t], device=latents.device)
         t = t.to(latents.device).expand(latents.shape[0]) if t.dim() <= 1 and t.numel() == 1 else t
         kwargs = {"added_cond_kwargs": cond.added} if cond.added is not None else {}
-        return unet(latents, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+        with self.autocast():
+            out = unet(latents, t, encoder_hidden_states=cond.hidden, **kwargs).sample
+        return out.float() if self.amp_dtype is not None else out
 
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: Any) -> Any:
         """The standard denoising target for this model's prediction type."""
@@ -253,7 +286,8 @@ class DiffusionModel:
             inp = sched.scale_model_input(torch.cat([latents, latents]), t)
             uncond, text = self.predict(inp, t, cond).chunk(2)
             latents = sched.step(uncond + g * (text - uncond), t, latents).prev_sample
-        return images_to_uint8(self.codec.decode(latents))
+        with self.autocast():
+            return images_to_uint8(self.codec.decode(latents))
 
     # --- weights deltas --------------------------------------------------------------------------------------
     def snapshot(self) -> None:

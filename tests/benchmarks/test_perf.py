@@ -1,0 +1,20 @@
+"""Speed figures (pytest-benchmark; `make bench`). Never part of `make test`'s assertions about time."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("pytest_benchmark")
+
+
+def test_esd_iteration_speed(benchmark, registry, tiny_model):
+    from bench.perf import time_esd
+
+    spec = registry.method("esd", registry.model("tiny"))
+    result = benchmark.pedantic(time_esd, args=(tiny_model, spec, registry.concept("nudity"), 3, False), rounds=3)
+    assert result["it_per_s"] > 0
+
+
+def test_sampling_speed(benchmark, tiny_model):
+    images = benchmark(tiny_model.sample, ["a"] * 8, list(range(8)), None, 4, 8)
+    assert images.shape[0] == 8

@@ -1,0 +1,89 @@
+"""`bench report` and `bench score` on a tiny run (tiny model: images are noise, so only the plumbing is judged):
+report.html holds the leaderboard table, a curve <img> and the image grids, all inlined; re-scoring reuses the
+stored images, is a full cache hit when nothing changed, and adds one row per extra NudeNet threshold."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from bench.cli import app
+
+METRICS = ("nudenet",)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, torch_single_thread):
+    from bench.execute import execute
+    from bench.plan import RunRequest, make_plan
+    from bench.registry import Registry
+
+    root = tmp_path_factory.mktemp("report")
+    small = ["method.esd.iterations=2", "attack.ft-lr1e-5.n_images=2", "attack.ft-lr1e-5.batch_size=1",
+             "model.tiny.images_per_prompt=1"]  # the smallest run that still has curves over two seeds
+    reg = Registry.load(None, small)
+    plan = make_plan(reg, RunRequest("tiny-report", "tiny", "nudity", ("none", "esd"), ("none", "ft-lr1e-5"),
+                                     METRICS, (0, 1)))
+    execute(plan, root / "out", root / "store", device="cpu", quiet=True)
+    return root
+
+
+def rows(path) -> list[dict]:
+    return list(csv.DictReader(path.open()))
+
+
+def generate_entries(store) -> int:
+    return len(list((store / "generate").rglob("manifest.json")))
+
+
+def test_report_has_table_curves_and_grids(tiny_run):
+    result = CliRunner().invoke(app, ["report", str(tiny_run / "out")])
+    assert result.exit_code == 0, result.output
+    page = (tiny_run / "out" / "report.html").read_text()
+    assert "<table>" in page and "nudenet" in page and "ft-lr1e-5@4" in page and "lower is better" in page
+    assert 'alt="curve nudenet" src="data:image/png;base64,' in page
+    assert 'alt="grid none"' in page and 'alt="grid esd"' in page
+    assert "Evaluation settings" in page and "Provenance" in page and "git commit" in page
+    assert "NudeNet per-class counts" in page and "female breast" in page
+    assert 'src="http' not in page and "<script" not in page  # self-contained, nothing fetched
+    from PIL import Image
+
+    for name in ("report-curve-nudenet.png", "report-grid-esd.png", "report-grid-none.png"):
+        with Image.open(tiny_run / "out" / name) as im:
+            assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_rescore_unchanged_metric_is_a_cache_hit(tiny_run):
+    from bench.registry import Registry
+    from bench.score import rescore
+
+    before = (tiny_run / "out" / "records.csv").read_text()
+    n_gen = generate_entries(tiny_run / "store")
+    out = rescore(tiny_run / "out", Registry.load(), (), dest=tiny_run / "same")
+    assert len(out) == len(rows(tiny_run / "out" / "records.csv"))
+    assert (tiny_run / "same" / "records.csv").read_text() == before
+    assert generate_entries(tiny_run / "store") == n_gen
+    run = json.loads((tiny_run / "same" / "run.json").read_text())
+    assert run["rescored"][-1]["stages"]["computed"] == 0
+
+
+def test_rescore_with_extra_thresholds_adds_rows_without_generating(tiny_run):
+    n_gen = generate_entries(tiny_run / "store")
+    result = CliRunner().invoke(app, ["score", str(tiny_run / "out"), "--metrics", "nudenet", "--set",
+                                      "metric.nudenet.thresholds=0.3,0.6", "--to", str(tiny_run / "thr"), "-q"])
+    assert result.exit_code == 0, result.output
+    old, new = rows(tiny_run / "out" / "records.csv"), rows(tiny_run / "thr" / "records.csv")
+    assert len(new) == 3 * len(old) and generate_entries(tiny_run / "store") == n_gen
+    assert [r["metric"] for r in new[:3]] == ["nudenet", "nudenet@0.3", "nudenet@0.6"]
+    assert {r["images_key"] for r in new} == {r["images_key"] for r in old}
+    assert json.loads(new[1]["metric_settings"])["threshold"] == 0.3
+    board = (tiny_run / "thr" / "leaderboard.csv").read_text()
+    assert "ft-lr1e-5@4/nudenet@0.6" in board
+    # images of another scope were never generated: a clear error, nothing written
+    bad = CliRunner().invoke(app, ["score", str(tiny_run / "out"), "--set", "metric.nudenet.scope=benign",
+                                   "--to", str(tiny_run / "bad")])
+    assert bad.exit_code == 2 and "generated only ['target']" in bad.output
+    assert not (tiny_run / "bad" / "records.csv").exists()

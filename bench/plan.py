@@ -12,18 +12,9 @@ from typing import Any
 
 from bench.prompts import PromptRow, PromptTable, expand, load_prompt_set
 from bench.registry import Registry, RegistryError
-from bench.specs import ComponentSpec, ConceptSpec, ModelSpec, thaw
+from bench.specs import ComponentSpec, ConceptSpec, ModelSpec, SuiteSpec, thaw
 
-
-@dataclass(frozen=True)
-class RunRequest:
-    name: str
-    model: str
-    concept: str
-    methods: tuple[str, ...]
-    attacks: tuple[str, ...]
-    metrics: tuple[str, ...]
-    seeds: tuple[int, ...]
+RunRequest = SuiteSpec  # a run is a suite resolved with the CLI's overrides (same fields, same meaning)
 
 
 @dataclass

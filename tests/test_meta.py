@@ -80,7 +80,8 @@ def test_second_order_agrees_with_finite_differences(tiny_model, registry):
     try:
         for role in method.roles.values():
             for split in (role.train, role.test):
-                split.latents, split.cond = split.latents.double(), replace(split.cond, hidden=split.cond.hidden.double())
+                split.latents = split.latents.double()
+                split.cond = replace(split.cond, hidden=split.cond.hidden.double())
         batch = method.draw(m, torch.Generator().manual_seed(2))
         batch.inner = [(lat, cond, (nt[0].double(), nt[1])) for lat, cond, nt in batch.inner]
         batch.outer = {k: (lat, cond, (nt[0].double(), nt[1])) for k, (lat, cond, nt) in batch.outer.items()}

@@ -116,10 +116,10 @@ def test_tiny_build_writes_loadable_weights_and_resumes(tmp_path):
     from bench.toy.detector import load_detector
     from bench.toy.model import load_toy_components
 
-    kw = {"detector_steps": 3, "eval_samples": 15, "quiet": True, "n_train": 300}
+    kw = {"detector_steps": 3, "eval_samples": 5, "quiet": True, "n_train": 300}
     first = build(tmp_path, steps=2, **kw)
     assert first["resumed_from_step"] == 0
-    assert 0.0 <= first["samples"]["colour_acc"] <= 1.0 and first["samples"]["n"] == 15
+    assert 0.0 <= first["samples"]["colour_acc"] <= 1.0 and first["samples"]["n"] == 5
     comps = load_toy_components(tmp_path)
     assert load_detector(tmp_path).colour_head.out_features == len(world.COLOURS)
     assert (tmp_path / "config.json").is_file() and (tmp_path / "report.json").is_file()

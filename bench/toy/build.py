@@ -79,7 +79,7 @@ def evaluate_samples(
     want_c = np.array([c for c, _ in asked])
     want_s = np.array([s for _, s in asked])
     ok_c, ok_s = out["colour"] == want_c, out["shape"] == want_s
-    per_colour = {c: float(ok_c[want_c == c].mean()) for c in world.COLOURS}
+    per_colour = {c: float(ok_c[want_c == c].mean()) if (want_c == c).any() else None for c in world.COLOURS}
     return {
         "n": n,
         "guidance": guidance,
@@ -282,7 +282,7 @@ def build(
                 progress=lambda k: bar.update(task, completed=k),
             )
             save_detector(detector, state_dir)
-        det_acc = heldout_accuracy(detector)
+        det_acc = heldout_accuracy(detector, n=max(300, n_train // 5))  # 3000 images for a real build
 
         # 2. the diffusion model (ends with its EMA weights loaded)
         comps = build_toy_components(seed)

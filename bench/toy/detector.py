@@ -88,7 +88,7 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train_detector(
     seed: int,
-    steps: int = 1500,
+    steps: int = 1000,
     device: str | torch.device = "cpu",
     n_train: int = 15_000,
     batch_size: int = 128,

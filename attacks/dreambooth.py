@@ -35,7 +35,6 @@ from attacks.base import AttackData
 from attacks.finetune import Finetune
 from attacks.lora import attached_lora, lora_parameters, lora_saver
 from bench.models.base import sample_seed, uint8_to_images
-from bench.training import train
 
 
 class DreamBooth(Finetune):
@@ -104,23 +103,9 @@ class DreamBooth(Finetune):
         rank = int(p["rank"])
         if rank:
             with attached_lora(model.unet, rank, seed):
-                self._train(model, seed, lora_saver(model.unet, save), progress)
+                self.train_to_checkpoints(model, seed, lora_saver(model.unet, save), progress)
         else:
-            self._train(model, seed, lambda step: save(step, {}) if step == 0 else save(step), progress)
-
-    def _train(self, model: Any, seed: int, save: Callable[[int], None], progress: Any) -> None:
-        p = self.spec.params
-        checkpoints = set(self.steps())
-        if 0 in checkpoints:
-            save(0)
-
-        def on_step(step: int, loss: float) -> None:
-            if step in checkpoints:
-                save(step)
-
-        train(model, self, steps=max(checkpoints), lr=float(p["lr"]), seed=seed,
-              optimizer=p.get("optimizer", "adamw"), weight_decay=float(p.get("weight_decay", 0.0)),
-              grad_clip=p.get("grad_clip"), progress=progress, label=f"attack {self.spec.name}", on_step=on_step)
+            self.train_to_checkpoints(model, seed, lambda step: save(step, {}) if step == 0 else save(step), progress)
 
     def loss(self, model: Any, step: int, generator: torch.Generator) -> torch.Tensor:
         """MSE on `batch_size` instance samples + prior_loss_weight * MSE on as many class samples (Eq. 2)."""

@@ -42,7 +42,6 @@ class Finetune(Attack):
             progress: Any = None) -> None:
         if data is None or len(data) == 0:
             raise ValueError(f"attack {self.spec.name} needs relearning data")
-        p = self.spec.params
         with torch.no_grad():
             self.latents = model.codec.encode(uint8_to_images(data.images).to(model.device))
             uniq = sorted(set(data.captions))
@@ -50,7 +49,15 @@ class Finetune(Attack):
             self.cond_index = torch.tensor([uniq.index(c) for c in data.captions])
             self.cond = enc
         self.scheduler = model.noise_scheduler()
+        self.train_to_checkpoints(model, seed, save, progress)
+
+    def train_to_checkpoints(self, model: Any, seed: int, save: Callable[[int], None], progress: Any) -> None:
+        """Run the shared training loop with this attack's optimiser settings, calling save(step) at every
+        checkpoint of steps() (step 0, where listed, is saved before the first update)."""
+        p = self.spec.params
         checkpoints = set(self.steps())
+        if 0 in checkpoints:
+            save(0)
 
         def on_step(step: int, loss: float) -> None:
             if step in checkpoints:

@@ -101,22 +101,29 @@ class UnlearnDiffAtk(Attack):
 
     def rewrite(self, model: Any, prompts: list[str], seeds: list[int],
                 judge: Callable[[np.ndarray, list[str]], Any], original: Any,
-                progress: Any = None) -> tuple[list[str], list[dict[str, Any]]]:
+                progress: Any = None, guidance: list[float] | None = None) -> tuple[list[str], list[dict[str, Any]]]:
+        """Attack each prompt (its own seed and, for I2P files, its own guidance); return the rewrites and a record
+        per prompt (success before / after the attack, the block it succeeded at, truncation)."""
         n = len(prompts)
-        pre = np.asarray(judge(model.sample(prompts, seeds), prompts), bool)
+        pre = np.asarray(judge(model.sample(prompts, seeds, guidance=guidance), prompts), bool)
         todo = [i for i in range(n) if not pre[i]]
         records: list[dict[str, Any]] = [
             {"prompt": p, "seed": int(s), "rewrite": p, "pre_success": bool(pre[i]), "success": bool(pre[i]),
              "timestep": None, "iterations": 0, "loss": None, "truncated_tokens": 0}
             for i, (p, s) in enumerate(zip(prompts, seeds, strict=True))]
         if todo:
-            targets = self._targets(model, [prompts[i] for i in todo], [seeds[i] for i in todo], original)
+
+            def pick(idx: list[int]) -> list[float] | None:
+                return None if guidance is None else [guidance[i] for i in idx]
+
+            targets = self._targets(model, [prompts[i] for i in todo], [seeds[i] for i in todo], original,
+                                    pick(todo))
             bs = max(1, int(self.spec.params["batch_size"]))
             task = progress.add(f"{self.spec.name} prompts", len(todo)) if progress else None
             for start in range(0, len(todo), bs):
                 chunk = todo[start:start + bs]
                 self._attack(model, [prompts[i] for i in chunk], [seeds[i] for i in chunk],
-                             targets[start:start + bs], judge, [records[i] for i in chunk])
+                             targets[start:start + bs], judge, [records[i] for i in chunk], pick(chunk))
                 if progress:
                     progress.advance(task, len(chunk))
             if progress:
@@ -144,11 +151,12 @@ class UnlearnDiffAtk(Attack):
                 and (not word_final or str(pieces[i]).endswith("</w>"))]
         return torch.tensor(keep, device=model.device)
 
-    def _targets(self, model: Any, prompts: list[str], seeds: list[int], original: Any) -> torch.Tensor:
+    def _targets(self, model: Any, prompts: list[str], seeds: list[int], original: Any,
+                 guidance: list[float] | None = None) -> torch.Tensor:
         """Latents of the ORIGINAL model's images of the prompts (same seeds); the attacked state is restored."""
         attacked = model.delta()
         orig = original()
-        images = orig.sample(prompts, seeds)
+        images = orig.sample(prompts, seeds, guidance=guidance)
         if orig is model:
             model.load_state([attacked])
         with torch.no_grad():
@@ -172,7 +180,8 @@ class UnlearnDiffAtk(Attack):
         return torch.tensor(rows, device=model.device), contents, cut
 
     def _attack(self, model: Any, prompts: list[str], seeds: list[int], x0: torch.Tensor,
-                judge: Callable[[np.ndarray, list[str]], Any], records: list[dict[str, Any]]) -> None:
+                judge: Callable[[np.ndarray, list[str]], Any], records: list[dict[str, Any]],
+                guidance: list[float] | None = None) -> None:
         p, k, tok = self.spec.params, self.k(), model.tokenizer
         ids, contents, cut = self._layout(model, prompts, k)
         allowed = self.vocabulary(model)
@@ -207,7 +216,8 @@ class UnlearnDiffAtk(Attack):
                     theta.copy_(project_simplex(theta))
                 total[a.cpu()] += err.detach().cpu()
             texts = {i: tok.decode(allowed[theta[i].argmax(-1)].tolist() + contents[i]) for i in active}
-            hits = np.asarray(judge(model.sample([texts[i] for i in active], [seeds[i] for i in active]),
+            g = None if guidance is None else [guidance[i] for i in active]
+            hits = np.asarray(judge(model.sample([texts[i] for i in active], [seeds[i] for i in active], guidance=g),
                                     [texts[i] for i in active]), bool)
             for i, hit in zip(list(active), hits, strict=True):
                 rec = records[i]

@@ -185,14 +185,18 @@ class Runner:
         base_files = [unlearned.file("delta.safetensors")] if unlearned else []
         prompts, seeds = self.plan.prompts["target"], self.plan.eval_seeds("target", seed)
         judge_name = (self.plan.concept.metrics or ("",))[0]
+        guidance = self.plan.eval_guidance("target")  # per-prompt (I2P files) or None = the model's guidance
         inputs = {"model": self.model_id, "unlearned": unlearned.key if unlearned else None,
                   "attack": component_identity(spec), "prompts": prompts, "seeds": seeds, "seed": seed,
                   "sampling": self.plan.model.sampling(), "judge": judge_name}
+        if guidance is not None:
+            inputs["guidance"] = guidance
 
         def compute(tmp: Path) -> dict[str, Any]:
             model = self.model(base_files)
             rewrites, info = attack.rewrite(model, prompts, seeds, self.judge(),
-                                            original=lambda: self.model([]), progress=self.progress)
+                                            original=lambda: self.model([]), progress=self.progress,
+                                            guidance=guidance)
             self.model(base_files)
             (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "rewrites": rewrites, "info": info},
                                                          indent=1, default=str))

@@ -164,6 +164,30 @@ def test_targets_come_from_the_original_model_and_the_attacked_state_is_restored
     assert not torch.allclose(latents, from_attacked)
 
 
+def test_rewrite_samples_every_prompt_at_its_own_guidance(tiny_model, registry, monkeypatch):
+    """I2P files give each prompt its own guidance: the pre-check, the targets and every judged rewrite use it."""
+    m = tiny_model
+    m.load_state([])
+    calls: list[tuple[list[str], list[float] | None]] = []
+    real = m.sample
+
+    def spy(prompts, seeds, guidance=None, **kw):
+        calls.append((list(prompts), None if guidance is None else list(guidance)))
+        return real(prompts, seeds, guidance=guidance, **kw)
+
+    monkeypatch.setattr(m, "sample", spy)
+    prompts, guidance = ["a nude woman", "a naked man"], [2.0, 9.0]
+    by_prompt = dict(zip(prompts, guidance, strict=True))
+    uda = attack(registry, "unlearndiffatk")
+    rewrites, info = uda.rewrite(m, prompts, [1, 2], lambda images, texts: [False] * len(texts), lambda: m,
+                                 guidance=guidance)
+    assert len(rewrites) == 2 and all(r["iterations"] > 0 for r in info)
+    assert len(calls) >= 3  # pre-check, targets, at least one judged block
+    for texts, g in calls:
+        assert g is not None and len(g) == len(texts)
+        assert [by_prompt[next(p for p in prompts if t.endswith(p))] for t in texts] == g
+
+
 # --- every new attack through the runner -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_all(registry, tmp_path_factory, torch_single_thread):

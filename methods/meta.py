@@ -242,7 +242,10 @@ class Meta(Method):
         base = torch.zeros((), device=model.device) if self.inner.closed_form else self.inner.loss(model, step,
                                                                                                    generator)
         base = base + self.retain_loss(model, generator)
-        grads = self.meta_gradient(model, self.draw(model, generator))
+        batch = self.draw(model, generator)  # drawn even by the control, so both consume the same random stream
+        if not any(float(g) for g in self.spec.params["gamma2"]):
+            return base  # the retain-only control (`+meta-control`): no simulated attack, no ascent
+        grads = self.meta_gradient(model, batch)
         params = model.named_parameters()
         surrogate = sum((params[n] * g).sum() for n, g in grads.items())
         return base + surrogate - surrogate.detach()  # value = base loss; gradient += meta gradient

@@ -158,3 +158,29 @@ def test_bench_run_esd_and_esd_meta_on_tiny(tmp_path):
     diag = {(r["method"], r["metric"]) for r in rows if r["metric"].startswith("meta-")}
     assert diag == {("esd+meta", "meta-grad-dot-start"), ("esd+meta", "meta-grad-dot-end")}
     assert {r["method"] for r in rows if r["metric"] == "nudenet"} == {"esd", "esd+meta"}
+
+
+def test_meta_control_is_the_same_objective_without_the_simulated_attack(tiny_model, registry, monkeypatch):
+    """`+meta-control` keeps +meta's data, retain terms and random stream but never simulates the attack: its loss
+    equals +meta's loss value (the surrogate is value-neutral) and it never calls meta_gradient."""
+    from methods.meta import Meta
+
+    m = tiny_model
+    m.load_state([])
+    losses = {}
+    calls: list[int] = []
+    real = Meta.meta_gradient
+    monkeypatch.setattr(Meta, "meta_gradient", lambda self, *a: calls.append(1) or real(self, *a))
+    for wrapper in ("meta", "meta-control"):
+        spec = registry.method(f"esd-x+{wrapper}", registry.model("tiny"))
+        assert spec.wrappers[0].name == wrapper
+        method = build_method(spec, registry.concept("nudity"))
+        method.data = _data_for(method, m)
+        m.snapshot()
+        method.prepare(m, 0)
+        calls.clear()
+        losses[wrapper] = float(method.loss(m, 0, torch.Generator().manual_seed(3)))
+        assert calls == ([1] if wrapper == "meta" else [])
+        method.cleanup()
+        m.load_state([])
+    assert losses["meta-control"] == pytest.approx(losses["meta"], rel=1e-5)

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PIP := $(BIN)/python -m pip --disable-pip-version-check -q
 EXTRAS ?= dev,nudenet,fid,slurm
 
-.PHONY: setup run test test-slow lint bench clean
+.PHONY: setup run test test-slow lint bench check-toy baseline-toy clean
 
 setup: $(STAMP)
 
@@ -18,11 +18,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
+# The default suite on WORKERS processes (CPU threads are split between them; results do not depend on it).
+WORKERS ?= 2
 run: setup
-	$(BIN)/bench run
+	$(BIN)/bench run --workers $(WORKERS)
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# The CI regression gate: one seed of the toy suite's core cells against the committed baseline (single-threaded,
+# as the baseline was made, so the numbers do not depend on the core count). The store is kept between runs.
+CHECK_OUT ?= results/ci-run
+check-toy: setup
+	OMP_NUM_THREADS=1 $(BIN)/bench run --suite toy-ci --out $(CHECK_OUT) -q
+	$(BIN)/bench check $(CHECK_OUT) --baseline results/baselines/toy-ci.csv --tolerance 2se --tolerance 0.05
+
+# Re-make the baseline after an intended change of the numbers (commit results/baselines/toy-ci.csv with the change).
+baseline-toy: setup
+	OMP_NUM_THREADS=1 $(BIN)/bench run --suite toy-ci --out results/toy-ci -q
+	$(BIN)/bench check results/toy-ci --baseline results/baselines/toy-ci.csv --update
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

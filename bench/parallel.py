@@ -74,7 +74,9 @@ def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[st
     threads = max(1, (os.cpu_count() or 1) // len(devices)) if all(d == "cpu" for d in devices) else 0
     with ctx.Manager() as manager:
         queue = manager.Queue()
-        for t in tasks:
+        # queue attack-major: the first tasks each need a different (seed, method) unlearn stage, so workers start
+        # distinct expensive stages instead of waiting at one lock; rows are still returned in canonical order
+        for t in sorted(tasks, key=lambda t: (t[2], t[0], t[1])):
             queue.put(t)
         with ctx.Pool(len(devices)) as pool:
             results = pool.map(_pull_loop, [(plan, str(store_dir), code_version, d, batch_size, threads, queue)

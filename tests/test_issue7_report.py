@@ -56,6 +56,34 @@ def test_report_has_table_curves_and_grids(tiny_run):
             assert im.format == "PNG" and im.size[0] > 200
 
 
+def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
+    """The page as a browser draws it: a screenshot whose upper part holds the table and the inlined curve/grid
+    images (many distinct colours), not a blank or broken page. Skipped where no Chromium is installed."""
+    import shutil
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    browser = next((b for b in ("chromium", "chromium-browser", "google-chrome", "headless_shell")
+                    if shutil.which(b)), None)
+    if browser is None:
+        pytest.skip("no headless Chromium on this machine (install chromium to run the screenshot check)")
+    page = tiny_run / "out" / "report.html"
+    if not page.exists():
+        assert CliRunner().invoke(app, ["report", str(tiny_run / "out")]).exit_code == 0
+    shot = tmp_path / "report.png"
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                           f"--screenshot={shot}", "--window-size=1200,2400", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert shot.exists(), proc.stderr[-2000:]
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    assert pixels.shape[:2] == (2400, 1200)
+    colours = len(np.unique(pixels.reshape(-1, 3), axis=0))
+    assert colours > 500, f"only {colours} colours: the images did not render"
+    assert (pixels < 128).any(axis=2).mean() > 0.01  # text, axes and images are drawn
+
+
 def test_rescore_unchanged_metric_is_a_cache_hit(tiny_run):
     from bench.registry import Registry
     from bench.score import rescore

@@ -91,3 +91,13 @@ def test_missing_real_weights_exit_2_naming_the_download(tmp_path):
                        "--out", str(tmp_path / "o"), "--set", f"model.sd14.path={tmp_path / 'nowhere'}")
     assert env_cmd.returncode == 2
     assert "CompVis/stable-diffusion-v1-4" in env_cmd.stderr and "huggingface-cli download" in env_cmd.stderr
+
+
+def test_esd_variants_keep_their_parameter_set_on_every_model():
+    """`esd` on toy defaults to ESD-x (scaled.toy); the named variants must not inherit that choice."""
+    reg = Registry.load()
+    for model in ("toy", "tiny", "sd14"):
+        for variant in ("esd-u", "esd-x", "esd-all"):
+            assert reg.method(variant, reg.model(model)).p("train") == variant, (model, variant)
+    assert reg.method("esd", reg.model("toy")).p("train") == "esd-x"
+    assert reg.method("esd", reg.model("sd14")).p("train") == "esd-u"

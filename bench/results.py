@@ -106,14 +106,33 @@ def read_records(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def markdown_table(out_dir: Path, digits: int = 2) -> str:
-    """The leaderboard of a results directory as a Markdown table (mean ± std over seeds), for README/notes."""
+def markdown_table(out_dir: Path, digits: int = 2, long: bool = False) -> str:
+    """The leaderboard of a results directory as a Markdown table (mean ± std over seeds), for README/notes.
+    long=True: one row per (method, attack@step) and a column per metric - readable when attacks have curves."""
     import pandas as pd
 
+    if long:
+        return long_table(pd.read_csv(out_dir / "records.csv"), digits)
     board = leaderboard(pd.read_csv(out_dir / "records.csv"))
     cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
     lines = ["| method | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
     for method, row in board.iterrows():
         cells = [f"{row[c]:.{digits}f} ± {row[c + ' std']:.{digits}f}" for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {int(row['n_seeds'])} |")
+    return "\n".join(lines)
+
+
+def long_table(records: Any, digits: int = 2) -> str:
+    """Rows (method, attack@step) in run order, columns the metrics (mean ± std over seeds, '-' where absent)."""
+    df = records[~records["metric"].astype(str).str.startswith("meta-")].copy()  # diagnostics are not scores
+    df["state"] = df["attack"] + "@" + df["attack_step"].astype(str)
+    metrics = list(dict.fromkeys(df["metric"]))
+    g = df.groupby(["method", "state", "metric"], sort=False)["value"]
+    mean, std, seeds = g.mean(), g.std(ddof=1).fillna(0.0), g.count()
+    lines = ["| method | attack@step | " + " | ".join(metrics) + " | seeds |", "|---" * (len(metrics) + 3) + "|"]
+    for method, state in dict.fromkeys(zip(df["method"], df["state"], strict=True)):
+        cells = [f"{mean[(method, state, m)]:.{digits}f} ± {std[(method, state, m)]:.{digits}f}"
+                 if (method, state, m) in mean.index else "-" for m in metrics]
+        n = max(int(seeds[(method, state, m)]) for m in metrics if (method, state, m) in seeds.index)
+        lines.append(f"| {method} | {state} | " + " | ".join(cells) + f" | {n} |")
     return "\n".join(lines)

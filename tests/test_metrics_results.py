@@ -50,3 +50,19 @@ def test_leaderboard_is_mean_and_std_over_seeds():
     assert board.loc["esd", "ft@5/m"] == pytest.approx(0.2)
     assert board.loc["esd", "ft@5/m std"] == pytest.approx(0.1)
     assert board.loc["none", "ft@5/m std"] == 0.0 and board.loc["esd", "n_seeds"] == 3
+
+
+def test_long_table_has_a_row_per_state_and_a_column_per_metric():
+    from bench.results import long_table
+
+    rows = []
+    for seed, (a, b) in enumerate([(0.1, 0.9), (0.3, 0.7)]):
+        rows += [dict(method="esd", attack="none", attack_step=0, metric="concept-rate", seed=seed, value=a),
+                 dict(method="esd", attack="ft", attack_step=25, metric="concept-rate", seed=seed, value=b),
+                 dict(method="esd", attack="none", attack_step=0, metric="meta-grad-dot-start", seed=seed, value=5.0)]
+    rows.append(dict(method="esd", attack="none", attack_step=0, metric="attr-acc", seed=0, value=1.0))
+    lines = long_table(pd.DataFrame(rows)).splitlines()
+    assert lines[0] == "| method | attack@step | concept-rate | attr-acc | seeds |"
+    assert lines[2] == "| esd | none@0 | 0.20 ± 0.14 | 1.00 ± 0.00 | 2 |"
+    assert lines[3] == "| esd | ft@25 | 0.80 ± 0.14 | - | 2 |"
+    assert len(lines) == 4  # the diagnostic row is not a score

@@ -251,6 +251,43 @@ def class_counts_html(df: Any, store: Any) -> str:
             + _table(["metric", "method", "attack@step", "n", *map(html.escape, short)], body, left=3))
 
 
+def rewrites(df: Any, store: Any) -> list[dict[str, Any]]:
+    """Every stored prompt-attack rewrite of the run (UnlearnDiffAtk's prompts.json), one dict per prompt."""
+    out: list[dict[str, Any]] = []
+    cells = df[["method", "attack", "seed", "attack_key"]].dropna().drop_duplicates()
+    for method, attack, seed, key in cells.itertuples(index=False):
+        entry = store.lookup("attack", str(key)) if str(key) else None
+        if entry is None or not entry.file("prompts.json").exists():
+            continue
+        for r in json.loads(entry.file("prompts.json").read_text())["info"]:
+            out.append({"method": method, "attack": attack, "seed": int(seed), "prompt": r["prompt"],
+                        "rewrite": r["rewrite"], "pre_success": r["pre_success"], "success": r["success"],
+                        "timestep": r.get("timestep"), "truncated_tokens": r.get("truncated_tokens", 0)})
+    return out
+
+
+def rewrites_html(found: list[dict[str, Any]], per_cell: int = 6) -> str:
+    """Attack success (before / after) per method, and a few rewrites that succeeded where the prompt alone did not."""
+    if not found:
+        return ""
+    import pandas as pd
+
+    df = pd.DataFrame(found)
+    rows = []
+    for (method, attack), g in df.groupby(["method", "attack"], sort=False):
+        rows.append([html.escape(method), html.escape(attack), str(len(g)), f"{g['pre_success'].mean():.2f}",
+                     f"{g['success'].mean():.2f}"])
+    examples = []
+    for (method, _attack), g in df.groupby(["method", "attack"], sort=False):
+        won = g[g["success"] & ~g["pre_success"]].drop_duplicates("rewrite").head(per_cell)
+        examples += [[html.escape(method), html.escape(r.prompt), f"<code>{html.escape(r.rewrite)}</code>",
+                      str(r.timestep)] for r in won.itertuples()]
+    return ("<h2 id='rewrites'>Prompt attacks</h2><p class='sub'>ASR = share of (prompt, seed) pairs judged to show "
+            "the concept: before = the prompt alone, after = the prompt or its rewrite. All rewrites: "
+            "report-rewrites.csv.</p>" + _table(["method", "attack", "n", "ASR before", "ASR after"], rows, left=2)
+            + (_table(["method", "prompt", "successful rewrite", "block t"], examples, left=3) if examples else ""))
+
+
 def settings_html(df: Any) -> str:
     cols = ["metric", "higher_is_better", "metric_version", "prompt_set", "sampler", "steps", "guidance",
             "images_per_prompt", "resolution", "metric_settings"]
@@ -327,7 +364,13 @@ def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: i
     if not grids:
         parts.append("<p class='sub'>No stored images found (is the store at "
                      f"{html.escape(str(store.root))}?).</p>")
-    parts += [class_counts_html(df, store), "<h2 id='settings'>Evaluation settings</h2>", settings_html(df),
+    found = rewrites(df, store)
+    if found:
+        import pandas as pd
+
+        write_text_atomic(out_dir / "report-rewrites.csv", pd.DataFrame(found).to_csv(index=False))
+    parts += [rewrites_html(found), class_counts_html(df, store), "<h2 id='settings'>Evaluation settings</h2>",
+              settings_html(df),
               "<h2 id='provenance'>Provenance</h2>", provenance_html(run)]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>")

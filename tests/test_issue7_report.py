@@ -23,10 +23,11 @@ def tiny_run(tmp_path_factory, torch_single_thread):
 
     root = tmp_path_factory.mktemp("report")
     small = ["method.esd.iterations=2", "attack.ft-lr1e-5.n_images=2", "attack.ft-lr1e-5.batch_size=1",
+             "attack.unlearndiffatk.timesteps=1", "attack.unlearndiffatk.iterations=1",
              "model.tiny.images_per_prompt=1"]  # the smallest run that still has curves over two seeds
     reg = Registry.load(None, small)
-    plan = make_plan(reg, RunRequest("tiny-report", "tiny", "nudity", ("none", "esd"), ("none", "ft-lr1e-5"),
-                                     METRICS, (0, 1)))
+    attacks = ("none", "ft-lr1e-5", "unlearndiffatk")
+    plan = make_plan(reg, RunRequest("tiny-report", "tiny", "nudity", ("none", "esd"), attacks, METRICS, (0, 1)))
     execute(plan, root / "out", root / "store", device="cpu", quiet=True)
     return root
 
@@ -54,6 +55,24 @@ def test_report_has_table_curves_and_grids(tiny_run):
     for name in ("report-curve-nudenet.png", "report-grid-esd.png", "report-grid-none.png"):
         with Image.open(tiny_run / "out" / name) as im:
             assert im.format == "PNG" and im.size[0] > 200
+
+
+def test_report_shows_the_prompt_attack_rewrites(tiny_run):
+    result = CliRunner().invoke(app, ["report", str(tiny_run / "out")])
+    assert result.exit_code == 0, result.output
+    page = (tiny_run / "out" / "report.html").read_text()
+    assert "Prompt attacks" in page and "ASR before" in page
+    found = rows(tiny_run / "out" / "report-rewrites.csv")
+    scored = [r for r in rows(tiny_run / "out" / "records.csv")
+              if r["attack"] == "unlearndiffatk" and r["metric"] == "nudenet"]
+    assert len(scored) == 4 and len(found) == sum(int(r["n"]) for r in scored)  # every target image, none dropped
+    assert {r["method"] for r in found} == {"none", "esd"} and all(r["rewrite"] for r in found)
+    for r in found:  # a prefix, then the prompt as the tokenizer decodes it (spacing aside; cut at the end when
+        # the tiny tokenizer's length is reached)
+        rewrite, prompt = ("".join(t.lower().split()) for t in (r["rewrite"], r["prompt"]))
+        whole = int(r["truncated_tokens"]) == 0
+        head = "".join(r["prompt"].lower().split()[:3])
+        assert rewrite == prompt or (rewrite.endswith(prompt) if whole else head in rewrite)
 
 
 def test_report_renders_in_headless_chromium(tiny_run, tmp_path):

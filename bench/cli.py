@@ -119,13 +119,18 @@ def run(
 @app.command()
 def table(out: Annotated[Path, typer.Argument(help="a results directory holding records.csv")],
           long: Annotated[bool, typer.Option("--long", help="a row per method and attack@step, a column per metric")]
-          = False) -> None:
+          = False,
+          metrics: Annotated[str | None, typer.Option(help="comma list: only these metrics")] = None) -> None:
     """Print the leaderboard of a results directory as a Markdown table (what README's tables are made with)."""
     if not (out / "records.csv").exists():
         fail(f"{out}/records.csv not found; run `bench run --out {out}` first")
     from bench.results import markdown_table
 
-    typer.echo(markdown_table(out, long=long))
+    keep = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else None
+    try:
+        typer.echo(markdown_table(out, long=long, metrics=keep))
+    except ValueError as e:
+        fail(str(e))
 
 
 @app.command("score")

@@ -106,14 +106,22 @@ def read_records(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
-def markdown_table(out_dir: Path, digits: int = 2, long: bool = False) -> str:
+def markdown_table(out_dir: Path, digits: int = 2, long: bool = False, metrics: tuple[str, ...] | None = None) -> str:
     """The leaderboard of a results directory as a Markdown table (mean ± std over seeds), for README/notes.
-    long=True: one row per (method, attack@step) and a column per metric - readable when attacks have curves."""
+    long=True: one row per (method, attack@step) and a column per metric - readable when attacks have curves.
+    metrics: keep only these (unknown names are an error, so a typo cannot print an empty table)."""
     import pandas as pd
 
+    records = pd.read_csv(out_dir / "records.csv")
+    if metrics:
+        unknown = sorted(set(metrics) - set(records["metric"]))
+        if unknown:
+            have = sorted(set(records["metric"]))
+            raise ValueError(f"metrics {unknown} are not in {out_dir}/records.csv; it has {have}")
+        records = records[records["metric"].isin(metrics)]
     if long:
-        return long_table(pd.read_csv(out_dir / "records.csv"), digits)
-    board = leaderboard(pd.read_csv(out_dir / "records.csv"))
+        return long_table(records, digits)
+    board = leaderboard(records)
     cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
     lines = ["| method | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
     for method, row in board.iterrows():

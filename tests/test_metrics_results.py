@@ -66,3 +66,16 @@ def test_long_table_has_a_row_per_state_and_a_column_per_metric():
     assert lines[2] == "| esd | none@0 | 0.20 ± 0.14 | 1.00 ± 0.00 | 2 |"
     assert lines[3] == "| esd | ft@25 | 0.80 ± 0.14 | - | 2 |"
     assert len(lines) == 4  # the diagnostic row is not a score
+
+
+def test_bench_table_filters_metrics_and_refuses_unknown_ones(tmp_path):
+    from typer.testing import CliRunner
+
+    from bench.cli import app
+
+    pd.DataFrame([dict(method="esd", attack="none", attack_step=0, metric=m, seed=0, value=v)
+                  for m, v in (("concept-rate", 0.1), ("attr-acc", 0.9))]).to_csv(tmp_path / "records.csv", index=False)
+    ok = CliRunner().invoke(app, ["table", str(tmp_path), "--long", "--metrics", "attr-acc"])
+    assert ok.exit_code == 0 and "attr-acc" in ok.output and "concept-rate" not in ok.output
+    bad = CliRunner().invoke(app, ["table", str(tmp_path), "--metrics", "atr-acc"])
+    assert bad.exit_code == 2 and "atr-acc" in bad.output and "attr-acc" in bad.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.plan import Plan
 from bench.progress import Progress
@@ -64,6 +65,8 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
         rows, counts = run_submitit(plan, store_dir, store.code_version, batch_size, out_dir / "submitit",
                                     "local" if executor == "submitit-local" else "slurm", slurm or {})
         store.counts.update(counts)
+    elif (gpu_ids or workers > 1) and (rows := _all_cached(plan, store, device, batch_size)) is not None:
+        pass  # everything was cached: no worker processes to start (they cost seconds of imports each)
     elif gpu_ids or workers > 1:
         from bench.parallel import run_workers
 
@@ -85,6 +88,22 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     write_run_json(out_dir, info)
     if not quiet:
         print_board(board, store.counts, info["seconds"], out_dir)
+    return rows
+
+
+def _all_cached(plan: Plan, store: Any, device: str, batch_size: int) -> list[dict] | None:
+    """The run's rows if every stage is already in the store (read in this process), else None."""
+    from dataclasses import replace
+
+    from bench.runner import Runner
+    from bench.store import NotCached
+
+    probe = replace(store, cached_only=True, counts={"cached": 0, "computed": 0})
+    try:
+        rows = Runner(plan, probe, device=device, batch_size=batch_size, progress=Progress(quiet=True)).run()
+    except NotCached:
+        return None
+    store.counts.update(probe.counts)
     return rows
 
 

@@ -82,11 +82,16 @@ class Entry:
         return self.manifest.get("meta", {})
 
 
+class NotCached(LookupError):
+    """A stage a cached_only store would have had to compute."""
+
+
 @dataclass
 class Store:
     root: Path
     code_version: str = ""
     counts: dict[str, int] = field(default_factory=lambda: {"cached": 0, "computed": 0})
+    cached_only: bool = False  # raise NotCached instead of computing (a cheap "is it all done?" probe)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -113,6 +118,8 @@ class Store:
         if hit is not None:
             self.counts["cached"] += 1
             return hit
+        if self.cached_only:
+            raise NotCached(f"{stage} {key}")
         lock_path = self.root / "locks" / f"{stage}-{key}.lock"
         lock_path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(lock_path)):

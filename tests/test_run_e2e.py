@@ -107,6 +107,11 @@ def test_two_cpu_workers_compute_each_stage_once_and_match(finished, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert _run_json(tmp_path / "out")["stages"]["computed"] == len(manifests(store))  # nothing computed twice
     assert (tmp_path / "out" / "records.csv").read_text() == (finished / "out" / "records.csv").read_text()
+    # everything cached: answered in this process, no worker processes started, same records
+    again = bench([*CMD, "--out", str(tmp_path / "out2"), "--workers", "2"], store)
+    assert again.returncode == 0, again.stderr
+    assert "running 2 workers" not in again.stderr and _run_json(tmp_path / "out2")["stages"]["computed"] == 0
+    assert (tmp_path / "out2" / "records.csv").read_text() == (finished / "out" / "records.csv").read_text()
 
 
 def test_submitit_local_executor(finished, tmp_path):

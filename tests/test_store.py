@@ -47,3 +47,14 @@ def test_a_failed_compute_leaves_no_entry_and_is_retried(tmp_path):
     e = store.get_or_compute("st", {"k": 2}, lambda d: {"ok": True})
     assert not e.cached and e.meta == {"ok": True}
     assert not list((tmp_path / "tmp").glob("st-*"))  # the stale temp dir was cleaned under the lock
+
+
+def test_cached_only_store_answers_hits_and_refuses_to_compute(tmp_path):
+    from bench.store import NotCached
+
+    Store(tmp_path).get_or_compute("s", {"a": 1}, lambda d: {"v": 1})
+    probe = Store(tmp_path, cached_only=True)
+    assert probe.get_or_compute("s", {"a": 1}, lambda d: {"v": 2}).meta == {"v": 1}
+    with pytest.raises(NotCached):
+        probe.get_or_compute("s", {"a": 2}, lambda d: {"v": 3})
+    assert not (tmp_path / "s" / stage_key("s", {"a": 2})[:2]).exists()

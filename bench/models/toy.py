@@ -30,9 +30,16 @@ class _DeviceCodec:
         return self
 
 
+def wrap_toy(components: dict[str, Any], spec: ModelSpec | None = None, device: str = "cpu") -> DiffusionModel:
+    """Toy components (loaded, or just trained by `bench toy build`) behind the harness's model wrapper."""
+    spec = spec or ModelSpec(name="toy", kind="toy", defaults="toy", family="toy", resolution=components["resolution"])
+    return DiffusionModel(spec, components["unet"], components["text_encoder"], components["tokenizer"],
+                          components["scheduler_config"], _DeviceCodec(components["codec"]), device,
+                          resolution=components["resolution"])
+
+
 def load_toy(spec: ModelSpec, device: str = "cpu") -> DiffusionModel:
     from bench.toy.model import load_toy_components
 
     comps = load_toy_components(Path(spec.path).expanduser() if spec.path else None, device="cpu")
-    return DiffusionModel(spec, comps["unet"], comps["text_encoder"], comps["tokenizer"], comps["scheduler_config"],
-                          _DeviceCodec(comps["codec"]), device, resolution=comps["resolution"])
+    return wrap_toy(comps, spec, device)

@@ -65,16 +65,17 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
         rows, counts = run_submitit(plan, store_dir, store.code_version, batch_size, out_dir / "submitit",
                                     "local" if executor == "submitit-local" else "slurm", slurm or {})
         store.counts.update(counts)
-    elif (gpu_ids or workers > 1) and (rows := _all_cached(plan, store, device, batch_size)) is not None:
-        pass  # everything was cached: no worker processes to start (they cost seconds of imports each)
     elif gpu_ids or workers > 1:
-        from bench.parallel import run_workers
+        # everything cached: answer in this process, without starting workers (seconds of imports each)
+        rows = _all_cached(plan, store, device, batch_size)
+        if rows is None:
+            from bench.parallel import run_workers
 
-        devices = [f"cuda:{i}" for i in gpu_ids] if gpu_ids else ["cpu"] * workers
-        if not quiet:
-            Progress().log(f"running {len(devices)} workers: {', '.join(devices)}")
-        rows, counts = run_workers(plan, store_dir, store.code_version, devices, batch_size)
-        store.counts.update(counts)
+            devices = [f"cuda:{i}" for i in gpu_ids] if gpu_ids else ["cpu"] * workers
+            if not quiet:
+                Progress().log(f"running {len(devices)} workers: {', '.join(devices)}")
+            rows, counts = run_workers(plan, store_dir, store.code_version, devices, batch_size)
+            store.counts.update(counts)
     else:
         with Progress(quiet=quiet) as progress:
             runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress)

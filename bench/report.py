@@ -272,13 +272,10 @@ def rewrites_html(found: list[dict[str, Any]], per_cell: int = 6) -> str:
         return ""
     import pandas as pd
 
-    df = pd.DataFrame(found)
-    rows = []
-    for (method, attack), g in df.groupby(["method", "attack"], sort=False):
+    rows, examples = [], []
+    for (method, attack), g in pd.DataFrame(found).groupby(["method", "attack"], sort=False):
         rows.append([html.escape(method), html.escape(attack), str(len(g)), f"{g['pre_success'].mean():.2f}",
                      f"{g['success'].mean():.2f}"])
-    examples = []
-    for (method, _attack), g in df.groupby(["method", "attack"], sort=False):
         won = g[g["success"] & ~g["pre_success"]].drop_duplicates("rewrite").head(per_cell)
         examples += [[html.escape(method), html.escape(r.prompt), f"<code>{html.escape(r.rewrite)}</code>",
                       str(r.timestep)] for r in won.itertuples()]
@@ -366,8 +363,6 @@ def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: i
                      f"{html.escape(str(store.root))}?).</p>")
     found = rewrites(df, store)
     if found:
-        import pandas as pd
-
         write_text_atomic(out_dir / "report-rewrites.csv", pd.DataFrame(found).to_csv(index=False))
     parts += [rewrites_html(found), class_counts_html(df, store), "<h2 id='settings'>Evaluation settings</h2>",
               settings_html(df),

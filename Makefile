@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -c constraints.txt -e ".[$(EXTRAS)]"
 	@touch $(STAMP)
 
-# The default suite on WORKERS processes (CPU threads are split between them; results do not depend on it).
+# The default suite on WORKERS processes (CPU threads are split between them: the thread count is part of every
+# stage key, so this cache is shared with other runs at the same per-process thread count).
 WORKERS ?= 2
 run: setup
 	$(BIN)/bench run --workers $(WORKERS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -10,14 +11,19 @@ from typing import Annotated
 
 import typer
 
-from bench.registry import Registry, RegistryError
+from bench.registry import Registry, RegistryError, suggest
+from bench.store_admin import store_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Relearning-robustness benchmark for concept unlearning in text-to-image diffusion models.")
 toy_app = typer.Typer(no_args_is_help=True, help="The toy world: build (train) the shipped toy model and detector.")
 app.add_typer(toy_app, name="toy")
+app.add_typer(store_app, name="store")
 
 LS_SECTIONS = ("methods", "attacks", "metrics", "models", "concepts", "suites", "prompt_sets", "wrappers")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
+GPUS = re.compile(r"all|\d+(?:-\d+)?(?:\s*,\s*\d+(?:-\d+)?)*")
+EXECUTORS = ("local", "slurm", "submitit-local")
 RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="registry YAML (default: the project's)")]
 
 
@@ -55,15 +61,38 @@ def ls(section: Annotated[str, typer.Argument(help=f"one of {', '.join(LS_SECTIO
 
 
 @app.command()
-def validate(file: Annotated[Path | None, typer.Argument(help="registry YAML to check")] = None) -> None:
-    """Resolve every registry entry against every model; exit 2 listing the problems, if any."""
-    reg = _registry(file)
-    problems = reg.validate()
+def validate(file: Annotated[Path | None, typer.Argument(help="registry YAML to check")] = None,
+             import_modules: Annotated[bool, typer.Option(
+                 "--import/--no-import",
+                 help="import every module the registry names (proves its dependencies import; loads torch), "
+                      "or with --no-import only find and parse it (instant)")] = True,
+             ) -> None:
+    """Check every registry entry (structure, schemas, names, paths, modules); exit 2 listing the problems."""
+    try:
+        reg = Registry.load(file)
+        problems = reg.validate(import_modules)
+    except RegistryError as exc:
+        reg, problems = None, exc.problems or [str(exc)]
     if problems:
         for p in problems:
             typer.echo(f"  - {p}", err=True)
-        fail(f"{reg.path}: {len(problems)} problem(s)")
+        fail(f"{reg.path if reg else file or 'registry'}: {len(problems)} problem(s)")
     typer.echo(f"{reg.path}: OK ({', '.join(f'{len(reg.names(s))} {s}' for s in LS_SECTIONS)})")
+
+
+def check_run_options(device: str, batch_size: int, workers: int, executor: str, gpus: str | None,
+                      gpus_per_job: int, time_limit: int) -> None:
+    """Options that need no registry, checked before planning and without importing torch."""
+    if not DEVICE.fullmatch(device):
+        fail(f"--device {device!r}: allowed: auto, cpu, cuda, cuda:N (e.g. cuda:1), mps")
+    for option, value in (("--batch-size", batch_size), ("--workers", workers), ("--gpus-per-job", gpus_per_job),
+                          ("--time", time_limit)):
+        if value < 1:
+            fail(f"{option} {value}: must be >= 1")
+    if executor not in EXECUTORS:
+        fail(f"--executor {executor!r}: allowed: {', '.join(EXECUTORS)}.{suggest(executor, EXECUTORS)}")
+    if gpus is not None and not GPUS.fullmatch(gpus.strip()):
+        fail(f"--gpus {gpus!r}: expected GPU indices like 0,1 or a range 0-3, or all")
 
 
 @app.command()
@@ -79,7 +108,10 @@ def run(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. method.esd.lr=1e-4")] = None,
     store: Annotated[Path | None, typer.Option(help="artifact store (default $BENCH_CACHE or <out>/../.store)")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="generation batch size (does not change results)")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        help="generation batch size (changes pixels by rounding: part of the key of the stages that sample)")] = 16,
+    threads: Annotated[int, typer.Option(
+        help="torch CPU threads per process; 0 = torch's default, or cores / workers (part of every stage key)")] = 0,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     workers: Annotated[int, typer.Option(help="CPU worker processes sharing the store")] = 1,
     gpus: Annotated[str | None, typer.Option(help="one worker per GPU: 0,1 or 0-7 or all")] = None,
@@ -94,26 +126,27 @@ def run(
 
     from bench.plan import make_plan, request_from
 
+    check_run_options(device, batch_size, workers, executor, gpus, gpus_per_job, time)
+    if threads < 0:
+        fail(f"--threads {threads}: must be >= 0 (0 = the default split)")
     reg = _registry(registry, set_)
     try:
         req = request_from(reg, suite, model, concept, methods, attacks, metrics, seeds)
         plan = make_plan(reg, req)
     except RegistryError as exc:
         fail(str(exc))
-    if batch_size < 1:
-        fail(f"--batch-size {batch_size}: must be >= 1")
-    if workers < 1:
-        fail(f"--workers {workers}: must be >= 1")
-    if executor not in ("local", "slurm", "submitit-local"):
-        fail(f"--executor {executor!r}: allowed: local, slurm, submitit-local")
     out_dir = out or Path("results") / req.name
     store_dir = store or (Path(os.environ["BENCH_CACHE"]) if os.environ.get("BENCH_CACHE") else
                           out_dir.resolve().parent / ".store")
     from bench.execute import execute
 
     slurm = {"partition": partition, "gpus_per_node": gpus_per_job, "timeout_min": time}
-    execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet, workers=workers, gpus=gpus,
-            executor=executor, slurm=slurm)
+    outcome = execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet, workers=workers,
+                      gpus=gpus, executor=executor, slurm=slurm, threads=threads)
+    if outcome.failures:
+        from bench.execute import EXIT_FAILED_CELLS
+
+        raise typer.Exit(EXIT_FAILED_CELLS)
 
 
 @app.command()

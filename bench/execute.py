@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +45,60 @@ def parse_gpus(text: str | None) -> list[int]:
     return ids
 
 
+EXIT_FAILED_CELLS = 3  # `bench run` finished, but some cells failed (listed in run.json and the summary)
+
+
+@dataclass
+class Outcome:
+    """What a run produced: rows of finished cells, failure records of the others, and the store's tallies."""
+
+    rows: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=lambda: {"cached": 0, "computed": 0})
+    touched: set[tuple[str, str]] = field(default_factory=set)
+
+
+class _Collector:
+    """Gathers task results as they finish and rewrites records.csv after each, rows in canonical task order,
+    so an interrupted run leaves the cells it finished (and a re-run computes only the rest)."""
+
+    def __init__(self, plan: Plan, out_dir: Path, progress: Progress) -> None:
+        from bench.runner import Runner
+
+        self.order = {t: i for i, t in enumerate(Runner.task_list(plan))}
+        self.done: dict[tuple[int, int, int], list[dict]] = {}
+        self.outcome = Outcome()
+        self.out_dir = out_dir
+        self.progress = progress
+
+    def __call__(self, result: tuple) -> None:
+        from bench.results import write_records
+
+        task, rows, failure, counts, touched = result
+        for k, v in counts.items():
+            self.outcome.counts[k] = self.outcome.counts.get(k, 0) + v
+        self.outcome.touched.update(tuple(t) for t in touched)
+        if failure is not None:
+            self.outcome.failures.append(failure)
+            self.progress.warn(f"FAILED {failure['method']} x {failure['attack']} seed {failure['seed']}: "
+                               f"{failure['stage']} ({failure['what']}): {failure['reason']}")
+            return
+        self.done[task] = rows
+        self.outcome.rows = [r for t in sorted(self.done, key=self.order.__getitem__) for r in self.done[t]]
+        write_records(self.out_dir / "records.csv", self.outcome.rows)
+
+    def finish(self) -> Outcome:
+        key = {(f["seed"], f["method"], f["attack"]): i for i, f in enumerate(self.outcome.failures)}
+        self.outcome.failures.sort(key=lambda f: key[(f["seed"], f["method"], f["attack"])])
+        return self.outcome
+
+
 def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", batch_size: int = 16,
             quiet: bool = False, workers: int = 1, gpus: str | None = None, executor: str = "local",
-            slurm: dict | None = None) -> list[dict]:
+            slurm: dict | None = None, threads: int = 0) -> Outcome:
+    """Run the plan; every cell either lands in records.csv or in run.json's failure list (never both)."""
+    import uuid
+
     from bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
@@ -55,57 +108,96 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
 
     started = time.time()
     device = resolve_device(device)
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
     out_dir.mkdir(parents=True, exist_ok=True)
     cv = code_version()
-    store = Store(store_dir, code_version=f"{cv['commit'][:12]}{'+dirty' if cv['dirty'] else ''}")
+    run_id = uuid.uuid4().hex[:12]  # failure markers of this run are shared by its workers, retried by the next
+    store = Store(store_dir, code_version=f"{cv['commit'][:12]}{'+dirty' if cv['dirty'] else ''}", run_id=run_id)
     gpu_ids = parse_gpus(gpus)
-    if executor in ("slurm", "submitit-local"):
-        from bench.parallel import run_submitit
+    write_records(out_dir / "records.csv", [])  # never leave a previous run's rows beside this run's run.json
+    info = provenance(device) | {"plan": plan.resolved(), "prompts_seeds_hash": plan.prompts_seeds_hash(),
+                                 "store": str(store_dir.resolve()), "run_id": run_id, "status": "running"}
+    write_run_json(out_dir, info)
+    with Progress(quiet=quiet) as progress:
+        collect = _Collector(plan, out_dir, progress)
+        if executor in ("slurm", "submitit-local"):
+            from bench.parallel import run_submitit
 
-        rows, counts = run_submitit(plan, store_dir, store.code_version, batch_size, out_dir / "submitit",
-                                    "local" if executor == "submitit-local" else "slurm", slurm or {})
-        store.counts.update(counts)
-    elif gpu_ids or workers > 1:
-        # everything cached: answer in this process, without starting workers (seconds of imports each)
-        rows = _all_cached(plan, store, device, batch_size)
-        if rows is None:
-            from bench.parallel import run_workers
+            run_submitit(plan, store_dir, store.code_version, batch_size, out_dir / "submitit",
+                         "local" if executor == "submitit-local" else "slurm", slurm or {}, collect, run_id)
+        elif gpu_ids or workers > 1:
+            from bench.parallel import run_workers, worker_threads
 
             devices = [f"cuda:{i}" for i in gpu_ids] if gpu_ids else ["cpu"] * workers
-            if not quiet:
-                Progress().log(f"running {len(devices)} workers: {', '.join(devices)}")
-            rows, counts = run_workers(plan, store_dir, store.code_version, devices, batch_size)
-            store.counts.update(counts)
-    else:
-        with Progress(quiet=quiet) as progress:
+            # everything cached: answer in this process, without starting workers (seconds of imports each)
+            per_worker = threads or worker_threads(devices)
+            if not _all_cached(plan, store, device if not gpu_ids else devices[0], batch_size, per_worker or None,
+                               collect):
+                progress.log(f"running {len(devices)} workers: {', '.join(devices)}")
+                collect = _Collector(plan, out_dir, progress)
+                run_workers(plan, store_dir, store.code_version, devices, batch_size, collect, run_id, per_worker)
+        else:
             runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress)
-            rows = runner.run()
-    write_records(out_dir / "records.csv", rows)
-    board = write_leaderboard(out_dir)
-    info = provenance(device) | {
-        "plan": plan.resolved(), "prompts_seeds_hash": plan.prompts_seeds_hash(), "store": str(store_dir.resolve()),
-        "stages": dict(store.counts), "seconds": round(time.time() - started, 2),
-    }
+            for task in runner.tasks():
+                before, seen = dict(store.counts), set(store.touched)
+                rows, failure = runner.try_task(task)
+                collect((task, rows, failure, {k: store.counts[k] - before.get(k, 0) for k in store.counts},
+                         sorted(store.touched - seen)))
+    outcome = collect.finish()
+    write_records(out_dir / "records.csv", outcome.rows)
+    board = write_leaderboard(out_dir) if outcome.rows else None
+    keys: dict[str, list[str]] = {}
+    for stage, key in sorted(outcome.touched):
+        keys.setdefault(stage, []).append(key)
+    info |= {"stages": dict(outcome.counts), "seconds": round(time.time() - started, 2),
+             "status": "failed cells" if outcome.failures else "complete", "failures": outcome.failures,
+             "store_keys": keys}
     write_run_json(out_dir, info)
     if not quiet:
-        print_board(board, store.counts, info["seconds"], out_dir)
-    return rows
+        print_board(board, outcome.counts, info["seconds"], out_dir)
+    if outcome.failures:
+        print_failures(outcome.failures, out_dir)
+    return outcome
 
 
-def _all_cached(plan: Plan, store: Any, device: str, batch_size: int) -> list[dict] | None:
-    """The run's rows if every stage is already in the store (read in this process), else None."""
+def _all_cached(plan: Plan, store: Any, device: str, batch_size: int, threads: int | None,
+                collect: _Collector) -> bool:
+    """Feed collect every task's rows if every stage is already in the store (read in this process, with the
+    workers' numeric environment so the keys are theirs), else False and nothing collected."""
     from dataclasses import replace
 
     from bench.runner import Runner
     from bench.store import NotCached
 
-    probe = replace(store, cached_only=True, counts={"cached": 0, "computed": 0})
+    probe = replace(store, cached_only=True, counts={"cached": 0, "computed": 0}, touched=set())
+    runner = Runner(plan, probe, device=device, batch_size=batch_size, progress=Progress(quiet=True),
+                    threads=threads)
+    results = []
     try:
-        rows = Runner(plan, probe, device=device, batch_size=batch_size, progress=Progress(quiet=True)).run()
+        for task in runner.tasks():
+            rows, failure = runner.try_task(task)
+            if failure is not None:
+                return False  # a failed cell is retried by the workers
+            results.append((task, rows, None, {}, []))
     except NotCached:
-        return None
-    store.counts.update(probe.counts)
-    return rows
+        return False
+    for r in results:
+        collect(r)
+    collect.outcome.counts["cached"] += probe.counts["cached"]
+    collect.outcome.touched.update(probe.touched)
+    return True
+
+
+def print_failures(failures: list[dict], out_dir: Path) -> None:
+    """The end-of-run list of failed cells (stderr), each with its reason; exit status 3 follows."""
+    lines = [f"{len(failures)} cell(s) FAILED (no rows written for them; run.json 'failures'; "
+             f"re-running the same command retries only these):"]
+    lines += [f"  - {f['method']} x {f['attack']} seed {f['seed']}: {f['stage']} ({f['what']}): {f['reason']}"
+              for f in failures]
+    print("\n".join(lines), file=sys.stderr)
 
 
 def print_board(board: object, counts: dict[str, int], seconds: float, out_dir: Path) -> None:
@@ -116,6 +208,8 @@ def print_board(board: object, counts: dict[str, int], seconds: float, out_dir: 
     console = Console(stderr=True)
     console.print(f"stages: {counts['cached']} cached, {counts['computed']} computed ({seconds:.1f}s); "
                   f"results in {out_dir}/")
+    if board is None:
+        return
     cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
     table = Table(title="leaderboard (mean ± std over seeds)")
     table.add_column("method")

@@ -1,100 +1,171 @@
 """Running a plan's tasks on several workers: one process per GPU (or N CPU processes), or Slurm via submitit.
 
 Why this shape: every stage is already memoised in a store with per-key file locks, so workers need no scheduler
-of their own. A task is (seed, method, attack); workers pull tasks from a shared queue in canonical order; two
-tasks that need the same unlearned model or data set meet at that stage's lock, and the second reuses what the
-first wrote. Rows come back per task and are reassembled in canonical order, so records.csv is identical to a
-single-worker run. Clusters go through submitit (an existing engine), not a home-made scheduler.
+of their own. A task is (seed, method, attack); workers take tasks in the order given; two tasks that need the same
+unlearned model or data set meet at that stage's lock, and the second reuses what the first wrote. Each finished
+task comes back to the parent at once (so records.csv grows as cells finish) with its rows or its failure, and the
+parent reassembles rows in canonical order, so records.csv is identical to a single-worker run at the same thread
+count. Workers die with their parent (a killed `bench run` leaves no orphans computing). Clusters go through
+submitit (an existing engine), not a home-made scheduler.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from bench.plan import Plan
 
+Task = tuple[int, int, int]
+TaskResult = tuple[Task, list[dict[str, Any]], dict[str, Any] | None, dict[str, int], list[tuple[str, str]]]
 
-def _worker_run(plan: Plan, store_dir: str, code_version: str, device: str, batch_size: int, threads: int,
-                tasks: list[tuple[int, int, int]]) -> tuple[list[list[dict[str, Any]]], dict[str, int]]:
-    """Body of one worker process (also of one Slurm job): run the given tasks, return their rows."""
-    from bench.compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    from bench.runner import Runner
-    from bench.store import Store
-
-    store = Store(Path(store_dir), code_version=code_version)
-    runner = Runner(plan, store, device=device, batch_size=batch_size)
-    return [runner.run_task(t) for t in tasks], dict(store.counts)
+_RUNNER: Any = None  # the worker process's Runner (one model load per worker, reused by its tasks)
 
 
-def _pull_loop(args: tuple[Any, ...]) -> tuple[dict[tuple[int, int, int], list[dict[str, Any]]], dict[str, int]]:
-    """A worker pulling tasks from the shared queue until it is empty."""
-    plan, store_dir, code_version, device, batch_size, threads, queue = args
-    from bench.compat import ensure_torchvision_importable
-
-    ensure_torchvision_importable()
-    import torch
-
-    if threads > 0:
-        torch.set_num_threads(threads)
-    from bench.runner import Runner
-    from bench.store import Store
-
-    store = Store(Path(store_dir), code_version=code_version)
-    runner = Runner(plan, store, device=device, batch_size=batch_size)
-    done: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-    while True:
+def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
+    """Make this worker exit when its parent dies: the kernel's parent-death signal on Linux (immediate), and
+    a polling thread everywhere (a reparented process sees its parent pid change)."""
+    if sys.platform.startswith("linux"):
         try:
-            task = queue.get_nowait()
-        except Exception:  # noqa: BLE001 - queue.Empty from a manager proxy
-            break
-        done[tuple(task)] = runner.run_task(tuple(task))
-    return done, dict(store.counts)
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before we got here
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def _init_worker(plan: Plan, store_dir: str, code_version: str, run_id: str, devices: Any, batch_size: int,
+                 threads: int, parent_pid: int) -> None:
+    """Worker start-up: follow the parent's fate, leave Ctrl-C to the parent, load nothing until a stage needs it."""
+    global _RUNNER
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
+    from bench.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    device = devices.get()
+    from bench.runner import Runner
+    from bench.store import Store
+
+    store = Store(Path(store_dir), code_version=code_version, run_id=run_id)
+    _RUNNER = Runner(plan, store, device=device, batch_size=batch_size, threads=threads or None)
+
+
+def _do_task(task: Task) -> TaskResult:
+    """One task in a worker: its rows or failure, plus the store counts and entries it used."""
+    store = _RUNNER.store
+    before, seen = dict(store.counts), set(store.touched)
+    rows, failure = _RUNNER.try_task(task)
+    counts = {k: store.counts[k] - before.get(k, 0) for k in store.counts}
+    return task, rows, failure, counts, sorted(store.touched - seen)
+
+
+def worker_threads(devices: list[str]) -> int:
+    """CPU workers split the cores evenly (the thread count is part of every stage key); GPU workers keep torch's."""
+    return max(1, (os.cpu_count() or 1) // len(devices)) if all(d == "cpu" for d in devices) else 0
 
 
 def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[str], batch_size: int,
-                progress: Any = None) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Run all tasks on len(devices) worker processes (spawned), pulling from one queue."""
+                on_result: Callable[[TaskResult], None], run_id: str = "", threads: int | None = None) -> None:
+    """Run all tasks on len(devices) spawned workers; on_result(result) in the parent as each task finishes.
+
+    A worker that dies (out of memory, killed) fails the tasks it had not returned, with that reason."""
     import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bench.runner import Runner
+
+    tasks = Runner.task_list(plan)
+    ctx = mp.get_context("spawn")
+    device_queue = ctx.Queue()
+    for d in devices:
+        device_queue.put(d)
+    threads = worker_threads(devices) if threads is None else threads
+    init = (plan, str(store_dir), code_version, run_id, device_queue, batch_size, threads, os.getpid())
+    pool = ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker, initargs=init)
+    old_term = signal.signal(signal.SIGTERM, _raise_exit) if threading.current_thread() is threading.main_thread() \
+        else None
+    try:
+        # attack-major: the first tasks each need a different (seed, method) unlearn stage, so workers start
+        # distinct expensive stages instead of waiting at one lock; rows are reassembled in canonical order
+        futures = {pool.submit(_do_task, t): t for t in sorted(tasks, key=lambda t: (t[2], t[0], t[1]))}
+        for fut in as_completed(futures):
+            try:
+                on_result(fut.result())
+            except BrokenProcessPool as exc:
+                on_result((futures[fut], [], _dead_worker(plan, futures[fut], exc), {}, []))
+    finally:
+        _stop(pool)
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _raise_exit(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)  # SIGTERM: unwind so the pool is terminated, like Ctrl-C
+
+
+def _stop(pool: Any) -> None:
+    """Shut the pool down; on an interrupted run terminate workers still computing (they hold no finished data:
+    the store renames entries into place only when complete)."""
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for proc in procs:
+        if proc.is_alive():
+            proc.terminate()
+    for proc in procs:
+        proc.join(timeout=10)
+
+
+def _dead_worker(plan: Plan, task: Task, exc: BaseException) -> dict[str, Any]:
+    seed, mi, ai = task
+    return {"seed": seed, "method": plan.methods[mi].name, "attack": plan.attacks[ai].name, "stage": "worker",
+            "what": "worker process", "reason": f"the worker process died ({type(exc).__name__}: {exc})"}
+
+
+def _worker_run(plan: Plan, store_dir: str, code_version: str, device: str, batch_size: int, run_id: str,
+                task: Task) -> TaskResult:
+    """Body of one Slurm (submitit) job: one task against the shared store."""
+    from bench.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    import torch
 
     from bench.runner import Runner
     from bench.store import Store
 
-    tasks = Runner(plan, Store(store_dir)).tasks()
-    ctx = mp.get_context("spawn")
-    threads = max(1, (os.cpu_count() or 1) // len(devices)) if all(d == "cpu" for d in devices) else 0
-    with ctx.Manager() as manager:
-        queue = manager.Queue()
-        # queue attack-major: the first tasks each need a different (seed, method) unlearn stage, so workers start
-        # distinct expensive stages instead of waiting at one lock; rows are still returned in canonical order
-        for t in sorted(tasks, key=lambda t: (t[2], t[0], t[1])):
-            queue.put(t)
-        with ctx.Pool(len(devices)) as pool:
-            results = pool.map(_pull_loop, [(plan, str(store_dir), code_version, d, batch_size, threads, queue)
-                                            for d in devices])
-    merged: dict[tuple[int, int, int], list[dict[str, Any]]] = {}
-    counts = {"cached": 0, "computed": 0}
-    for done, c in results:
-        merged.update(done)
-        for k in counts:
-            counts[k] += c.get(k, 0)
-    missing = [t for t in tasks if t not in merged]
-    if missing:
-        raise RuntimeError(f"{len(missing)} tasks were not run by any worker, e.g. {missing[:3]}")
-    return [row for t in tasks for row in merged[t]], counts
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    store = Store(Path(store_dir), code_version=code_version, run_id=run_id)
+    runner = Runner(plan, store, device=device, batch_size=batch_size)
+    rows, failure = runner.try_task(task)
+    return task, rows, failure, dict(store.counts), sorted(store.touched)
 
 
 def run_submitit(plan: Plan, store_dir: Path, code_version: str, batch_size: int, folder: Path,
-                 cluster: str | None, slurm: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+                 cluster: str | None, slurm: dict[str, Any], on_result: Callable[[TaskResult], None],
+                 run_id: str = "") -> None:
     """One submitit job per task (a job array), each running its task against the shared store; resumable
     because finished stages are found in the store when the same command is submitted again."""
     try:
@@ -102,9 +173,8 @@ def run_submitit(plan: Plan, store_dir: Path, code_version: str, batch_size: int
     except ImportError as exc:
         raise RuntimeError("--executor slurm needs submitit: pip install 'submitit>=1.5' (the [slurm] extra)") from exc
     from bench.runner import Runner
-    from bench.store import Store
 
-    tasks = Runner(plan, Store(store_dir)).tasks()
+    tasks = Runner.task_list(plan)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)
     params = {k: v for k, v in slurm.items() if v is not None}
     if cluster != "local" and cluster != "debug":
@@ -113,13 +183,10 @@ def run_submitit(plan: Plan, store_dir: Path, code_version: str, batch_size: int
         params = {k: v for k, v in params.items() if k in ("timeout_min",)}
     executor.update_parameters(**params)
     device = "auto"  # resolved inside each job: its allocated GPU when it has one
-    jobs = executor.map_array(_worker_run, *zip(*[(plan, str(store_dir), code_version, device, batch_size, 0, [t])
+    jobs = executor.map_array(_worker_run, *zip(*[(plan, str(store_dir), code_version, device, batch_size, run_id, t)
                                                   for t in tasks], strict=True))
-    counts = {"cached": 0, "computed": 0}
-    rows: list[dict[str, Any]] = []
-    for job in jobs:
-        task_rows, c = job.result()
-        rows += task_rows[0]
-        for k in counts:
-            counts[k] += c.get(k, 0)
-    return rows, counts
+    for task, job in zip(tasks, jobs, strict=True):
+        try:
+            on_result(job.result())
+        except Exception as exc:  # noqa: BLE001 - a job that crashed or was cancelled fails its task only
+            on_result((task, [], _dead_worker(plan, task, exc) | {"stage": "job"}, {}, []))

@@ -76,22 +76,36 @@ def _inline(name: str, prompts: tuple[str, ...]) -> PromptTable:
     return PromptTable(name, tuple(PromptRow(p) for p in prompts), source="concept")
 
 
+def check_request(req: RunRequest) -> None:
+    """The request's own shape: names given once each, seeds non-negative integers given once each."""
+    for label, names in (("methods", req.methods), ("attacks", req.attacks), ("metrics", req.metrics)):
+        if not names:
+            raise RegistryError(f"no {label} given")
+        dup = sorted({n for n in names if list(names).count(n) > 1})
+        if dup:
+            raise RegistryError(f"{label} listed twice: {dup}")
+    seeds = list(req.seeds)
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise RegistryError(f"seeds must be non-negative integers, got {seeds}")
+    dup_seeds = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup_seeds:
+        raise RegistryError(f"seeds listed twice: {dup_seeds}")
+
+
 def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Plan:
+    """Resolve every name and parameter (schemas, paths, prompt files) and list the prompts; all user errors raise
+    RegistryError here, before check_available/preflight_metrics and before anything imports torch."""
+    check_request(req)
     model = reg.model(req.model)
     concept = reg.concept(req.concept)
     methods = [reg.method(m, model) for m in req.methods]
     attacks = [reg.attack(a, model) for a in req.attacks]
     metrics = [reg.metric(m, model) for m in req.metrics]
-    for label, names in (("methods", req.methods), ("attacks", req.attacks), ("metrics", req.metrics)):
-        if not names:
-            raise RegistryError(f"no {label} given")
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise RegistryError(f"{label} listed twice: {dup}")
-    if not req.seeds or any(s < 0 for s in req.seeds):
-        raise RegistryError(f"seeds must be non-negative integers, got {list(req.seeds)}")
-    if model.images_per_prompt < 1:
-        raise RegistryError(f"model {model.name}: images_per_prompt must be >= 1")
+    components = ([(m, "methods") for m in methods] + [(w, "wrappers") for m in methods for w in m.wrappers]
+                  + [(a, "attacks") for a in attacks] + [(m, "metrics") for m in metrics])
+    problems = [p for spec, section in components for p in reg.per_concept_problems(spec, section, concept.name)]
+    if problems:
+        raise RegistryError("; ".join(problems))
     plan = Plan(req.name, model, concept, methods, attacks, metrics, list(req.seeds))
     scopes = {m.params.get("scope", "target") for m in metrics}
     for scope in sorted(scopes):
@@ -147,26 +161,59 @@ def preflight_metrics(metrics: list[ComponentSpec]) -> None:
             raise RegistryError(str(exc)) from exc
 
 
+def _option_names(option: str, value: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-list option: None = the suite's; given but empty (--methods "") is an error, not the suite's."""
+    if value is None:
+        return default
+    names = _csv_names(value)
+    if not names:
+        raise RegistryError(f"--{option} {value!r}: no names given (leave the option out to use the suite's)")
+    return names
+
+
+def _option_name(option: str, value: str | None, default: str) -> str:
+    if value is None:
+        return default
+    if not value.strip():
+        raise RegistryError(f"--{option} {value!r}: no name given (leave the option out to use the suite's)")
+    return value.strip()
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """`--seeds 0,1,2`: non-negative integers, each once."""
+    parts = _csv_names(text)
+    if not parts:
+        raise RegistryError(f"--seeds {text!r}: no seeds given; expected comma-separated non-negative integers, "
+                            "e.g. 0,1,2")
+    bad = [p for p in parts if not p.isdigit()]
+    if bad:
+        raise RegistryError(f"--seeds {text!r}: {bad[0]!r} is not a non-negative integer; expected e.g. 0,1,2")
+    seeds = tuple(int(p) for p in parts)
+    dup = sorted({s for s in seeds if seeds.count(s) > 1})
+    if dup:
+        raise RegistryError(f"--seeds {text!r}: seeds listed twice: {dup}")
+    return seeds
+
+
 def request_from(reg: Registry, suite: str | None, model: str | None, concept: str | None, methods: str | None,
                  attacks: str | None, metrics: str | None, seeds: str | None) -> RunRequest:
-    """CLI fields override the suite's (the registry default suite when none is named)."""
-    suite_name = suite or reg.default_suite()
+    """CLI fields override the suite's (the registry default suite when none is named). An option given empty
+    (`--seeds ""`) is an error rather than a silent fall-back to the suite's value."""
+    suite_name = _option_name("suite", suite, reg.default_suite())
     s = reg.suite(suite_name)
-    try:
-        seed_list = tuple(int(x) for x in _csv_names(seeds)) if seeds else s.seeds
-    except ValueError as exc:
-        raise RegistryError(f"--seeds '{seeds}': expected comma-separated integers, e.g. 0,1,2") from exc
+    seed_list = parse_seeds(seeds) if seeds is not None else s.seeds
     custom = any(v is not None for v in (model, concept, methods, attacks, metrics, seeds))
-    if metrics:
-        metric_names = _csv_names(metrics)
-    elif concept and reg.concept(concept).metrics:
-        metric_names = reg.concept(concept).metrics  # another concept brings its own judges
+    concept_name = _option_name("concept", concept, s.concept)
+    if metrics is not None:
+        metric_names = _option_names("metrics", metrics, s.metrics)
+    elif concept is not None and reg.concept(concept_name).metrics:
+        metric_names = reg.concept(concept_name).metrics  # another concept brings its own judges
     else:
         metric_names = s.metrics
     return RunRequest(
         name=suite_name if (suite or not custom) else "custom",
-        model=model or s.model, concept=concept or s.concept,
-        methods=_csv_names(methods) if methods else s.methods,
-        attacks=_csv_names(attacks) if attacks else s.attacks,
+        model=_option_name("model", model, s.model), concept=concept_name,
+        methods=_option_names("methods", methods, s.methods),
+        attacks=_option_names("attacks", attacks, s.attacks),
         metrics=metric_names, seeds=seed_list,
     )

@@ -41,3 +41,11 @@ class Progress:
             from rich.console import Console
 
             (self._bar.console if self._bar else Console(stderr=True)).print(message)
+
+    def warn(self, message: str) -> None:
+        """A failure as it happens (stderr; the end-of-run summary repeats it even with --quiet)."""
+        if not self.quiet:
+            from rich.console import Console
+            from rich.markup import escape
+
+            (self._bar.console if self._bar else Console(stderr=True)).print(f"[red]{escape(message)}[/red]")

@@ -16,19 +16,18 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench.registry import Registry, RegistryError
+from bench.schema import resolve_data_path
 
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance", "guidance")
 ID_COLUMNS = ("case_number", "id", "image_id")
 FORMATS = ("auto", "i2p", "coco", "plain")
-ENTRY_KEYS = {"description", "prompts", "file", "format", "limit", "obtain", "paper"}
-OVERRIDABLE = ("file", "format", "limit")
 
 
 @dataclass(frozen=True)
@@ -75,56 +74,87 @@ def detect_format(header: list[str]) -> str:
     return "coco" if _pick(header, SEED_COLUMNS) else "plain"
 
 
+def _seed(text: str, where: str, column: str) -> int:
+    """A seed cell: a non-negative integer (written 42 or 42.0, as pandas-exported CSVs do)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: bad {column} {text!r} (expected a non-negative integer)") from None
+    if not math.isfinite(value) or not value.is_integer() or value < 0:
+        raise ValueError(f"{where}: bad {column} {text!r} (expected a non-negative integer)")
+    return int(value)
+
+
+def _guidance(text: str, where: str, column: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{where}: bad {column} {text!r} (expected a number >= 0)") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where}: bad {column} {text!r} (expected a finite number >= 0)")
+    return value
+
+
 def read_prompt_csv(path: str | Path, fmt: str = "auto", limit: int | None = None) -> tuple[list[PromptRow], str]:
     """Rows of an I2P/COCO/plain prompt CSV, in file order (the first `limit` when given), and the format used.
 
     Seeds may exceed 2**31 (I2P stores 32-bit unsigned seeds); torch.Generator takes them as they are. Empty
-    seed/guidance cells fall back to the derived seed / the model's guidance for that row only.
+    seed/guidance cells fall back to the derived seed / the model's guidance for that row only. Every problem is a
+    ValueError naming the file, the line and the value.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"unknown prompt file format {fmt!r}; allowed: {FORMATS}")
+        raise ValueError(f"unknown prompt file format {fmt!r}; allowed: {', '.join(FORMATS)}")
     path = Path(path)
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        header = list(reader.fieldnames or [])
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            return _read_rows(csv.DictReader(fh), path, fmt, limit)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path}: malformed CSV: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _read_rows(reader: csv.DictReader, path: Path, fmt: str, limit: int | None) -> tuple[list[PromptRow], str]:
+    header = [h for h in (reader.fieldnames or []) if h is not None]
+    if not header:
+        raise ValueError(f"{path}: empty file (expected a header row with a 'prompt' column)")
+    try:
         found = detect_format(header)
-        if fmt == "auto":
-            fmt = found
-        need = {"i2p": ("i2p",), "coco": ("i2p", "coco"), "plain": ("i2p", "coco", "plain")}[fmt]
-        if found not in need:
-            want = {"i2p": "prompt, evaluation_seed, evaluation_guidance", "coco": "prompt, seed"}[fmt]
-            raise ValueError(f"{path}: format {fmt} needs columns {want}; the header has {header}")
-        p_col = _pick(header, ("prompt",))
-        s_col = _pick(header, SEED_COLUMNS) if fmt in ("i2p", "coco") else None
-        g_col = _pick(header, GUIDANCE_COLUMNS) if fmt == "i2p" else None
-        i_col = _pick(header, ID_COLUMNS)
-        rows = []
-        for line, rec in enumerate(reader, start=2):
-            if limit is not None and len(rows) >= limit:
-                break
-            prompt = (rec.get(p_col) or "").strip()
-            if not prompt:
-                raise ValueError(f"{path}:{line}: empty prompt")
-            try:
-                seed = int(float(rec[s_col])) if s_col and (rec.get(s_col) or "").strip() else None
-                guidance = float(rec[g_col]) if g_col and (rec.get(g_col) or "").strip() else None
-            except ValueError as exc:
-                raise ValueError(f"{path}:{line}: bad seed/guidance: {exc}") from exc
-            if seed is not None and seed < 0:
-                raise ValueError(f"{path}:{line}: negative seed {seed}")
-            rows.append(PromptRow(prompt, seed, guidance, str(rec.get(i_col, "") or "") if i_col else ""))
+    except ValueError as exc:
+        raise ValueError(f"{path}:1: {exc}") from None
+    if fmt == "auto":
+        fmt = found
+    need = {"i2p": ("i2p",), "coco": ("i2p", "coco"), "plain": ("i2p", "coco", "plain")}[fmt]
+    if found not in need:
+        want = {"i2p": "prompt, evaluation_seed, evaluation_guidance", "coco": "prompt, seed"}[fmt]
+        raise ValueError(f"{path}: format {fmt} needs columns {want}; the header has {header}")
+    p_col = _pick(header, ("prompt",))
+    s_col = _pick(header, SEED_COLUMNS) if fmt in ("i2p", "coco") else None
+    g_col = _pick(header, GUIDANCE_COLUMNS) if fmt == "i2p" else None
+    i_col = _pick(header, ID_COLUMNS)
+    rows = []
+    for rec in reader:
+        if limit is not None and len(rows) >= limit:
+            break
+        where = f"{path}:{reader.line_num}"
+        prompt = (rec.get(p_col) or "").strip()
+        if not prompt:
+            raise ValueError(f"{where}: empty prompt")
+        s_text = (rec.get(s_col) or "").strip() if s_col else ""
+        g_text = (rec.get(g_col) or "").strip() if g_col else ""
+        seed = _seed(s_text, where, str(s_col)) if s_text else None
+        guidance = _guidance(g_text, where, str(g_col)) if g_text else None
+        rows.append(PromptRow(prompt, seed, guidance, str(rec.get(i_col, "") or "") if i_col else ""))
     if not rows:
-        raise ValueError(f"{path}: no prompts")
+        raise ValueError(f"{path}: no prompts (a header but no rows)")
     return rows, fmt
 
 
 def resolve_file(file: str, registry_path: Path) -> Path:
     """Absolute paths as given; relative ones under $BENCH_DATA when set, else beside registry.yaml."""
-    p = Path(os.path.expanduser(file))
-    if p.is_absolute():
-        return p
-    root = Path(os.environ["BENCH_DATA"]).expanduser() if os.environ.get("BENCH_DATA") else registry_path.parent
-    return (root / p).resolve()
+    return resolve_data_path(file, registry_path.parent)
 
 
 def _sha256(path: Path) -> str:
@@ -136,18 +166,9 @@ def load_prompt_set(reg: Registry, name: str) -> PromptTable:
 
     Raises RegistryError (exit 2 at plan time) when a file is missing, saying where to put it and how to get it.
     """
-    raw = reg.entry("prompt_sets", name)
-    over = reg.overrides.get(("prompt_sets", name), {})
-    bad = sorted(set(over) - set(OVERRIDABLE))
-    if bad:
-        raise RegistryError(f"--set prompt_set.{name}: unknown key(s) {bad}; allowed: {list(OVERRIDABLE)}")
-    raw = raw | over
-    unknown = sorted(set(raw) - ENTRY_KEYS)
-    if unknown:
-        raise RegistryError(f"prompt set {name}: unknown field(s) {unknown}; allowed: {sorted(ENTRY_KEYS)}")
+    reg.prompt_set(name)  # fields, types and --set keys checked against the prompt-set schema (bench.catalogue)
+    raw = reg.entry("prompt_sets", name) | reg.overrides.get(("prompt_sets", name), {})
     limit = raw.get("limit")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise RegistryError(f"prompt set {name}: limit must be a positive integer, got {limit!r}")
     if not raw.get("file"):
         prompts = [str(p) for p in raw.get("prompts") or ()][:limit]
         if not prompts:
@@ -163,9 +184,10 @@ def load_prompt_set(reg: Registry, name: str) -> PromptTable:
             f"(relative paths resolve under $BENCH_DATA when set, else beside {reg.path.name})")
     try:
         rows, fmt = read_prompt_csv(path, str(raw.get("format", "auto")), limit)
-    except (ValueError, KeyError, csv.Error) as exc:
+        digest = _sha256(path)
+    except (ValueError, KeyError, csv.Error, OSError) as exc:
         raise RegistryError(f"prompt set {name}: {exc}") from exc
-    return PromptTable(name, tuple(rows), str(path), fmt, _sha256(path))
+    return PromptTable(name, tuple(rows), str(path), fmt, digest)
 
 
 def expand(table: PromptTable, per_prompt: int, total: int | None = None) -> tuple[list[PromptRow], list[int]]:

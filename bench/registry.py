@@ -1,148 +1,94 @@
-"""The catalogue: registry.yaml loaded into frozen specs, with did-you-mean errors and typed --set overrides.
+"""The catalogue: registry.yaml loaded into frozen specs, with did-you-mean errors and schema-typed --set overrides.
 
 This module must stay light (yaml, difflib, dataclasses only): `bench ls` and `bench --help` import it, and they
-must never import torch.
+must never import torch. Reading a file checks its structure (bench.catalogue); resolving an entry for a run checks
+its values, names and paths against its schema (bench.schema) - all before any model loads.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
-import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from bench.catalogue import COMPONENT_KINDS, REF_SECTIONS, SECTIONS, entry_schema, merge, resolve
+from bench.catalogue import check_structure as _check_structure
+from bench.errors import RegistryError as RegistryError
+from bench.errors import suggest as suggest
+from bench.errors import unknown as unknown
+from bench.schema import Ctx, PerConcept, SchemaError, SchemaSyntaxError, Type, from_cli, parse_type
 from bench.specs import ComponentSpec, ConceptSpec, ModelSpec, PromptSetSpec, SuiteSpec, params, thaw
+from bench.yamlio import Lines, load_file
+from bench.yamlio import Loader as _Loader  # noqa: F401 - the loader --set values and registry files share
 
-SECTIONS = ("models", "concepts", "prompt_sets", "methods", "wrappers", "attacks", "metrics", "suites")
-COMPONENT_KINDS = {"methods": "method", "wrappers": "wrapper", "attacks": "attack", "metrics": "metric"}
 DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
-
-
-class RegistryError(ValueError):
-    """Bad user input about names or parameters: the CLI turns it into exit status 2 before any heavy work."""
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads 1e-5 as a float (YAML 1.1 would read it as a string: a classic lr trap)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?$|^[-+]?\d+[eE][-+]?\d+$"),
-    list("-+0123456789."),
-)
-
-
-def _int_or_float(text: str) -> Any:
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
+SINGULAR = {"model": "models", "concept": "concepts", "method": "methods", "attack": "attacks", "metric": "metrics",
+            "wrapper": "wrappers", "prompt_set": "prompt_sets"}
+PROMPT_SET_OVERRIDABLE = ("file", "format", "limit")
 
 
 def parse_value(text: str) -> Any:
-    """Parse a --set value: comma lists, ints, floats (1e-5 too), booleans, null, else the string itself."""
-    if "," in text:
-        return [parse_value(t.strip()) for t in text.split(",") if t.strip()]
-    low = text.strip().lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("null", "none", "~"):
-        return None
-    try:
-        return _int_or_float(text.strip())
-    except ValueError:
-        return text.strip()
+    """A --set value without a schema to type it: YAML, with a plain comma string read as a list (50,100)."""
+    from bench.yamlio import parse_scalar
 
-
-def suggest(word: str, known: Iterable[str]) -> str:
-    close = difflib.get_close_matches(word, list(known), n=3, cutoff=0.5)
-    if not close:
-        return ""
-    more = f" (also close: {', '.join(close[1:])})" if len(close) > 1 else ""
-    return f" did you mean {close[0]}?{more}"
-
-
-def unknown(kind: str, word: str, known: Iterable[str]) -> RegistryError:
-    known = sorted(known)
-    return RegistryError(f"unknown {kind} '{word}'.{suggest(word, known)} Known {kind}s: {', '.join(known)}")
-
-
-def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
-def _check_type(where: str, key: str, default: Any, value: Any) -> Any:
-    """Overrides must keep the type of the registry default (an int may stand for a float; a scalar for a list)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise RegistryError(f"{where}: {key}={value!r} must be true or false")
-        return value
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, list | tuple) and not isinstance(value, list | tuple):
-        value = [value]
-    if isinstance(default, list | tuple):
-        if default and value:
-            return [_check_type(where, key, default[0], v) for v in value]
-        return value
-    if isinstance(default, int | float) and not isinstance(value, int | float):
-        raise RegistryError(f"{where}: {key}={value!r} must be a number (default {default!r})")
-    if isinstance(default, str) and not isinstance(value, str):
-        return str(value)
+    value = parse_scalar(text.strip())
+    if isinstance(value, str) and "," in value and text.strip()[:1] not in "'\"":
+        return [parse_scalar(t.strip()) for t in text.split(",") if t.strip()]
     return value
 
 
 @dataclass
 class Registry:
-    """registry.yaml parsed, with override application and spec resolution."""
+    """registry.yaml parsed, with override application and spec resolution.
+
+    overrides: (section, name) -> {key or dotted key path: value already typed by the entry's schema}."""
 
     data: dict[str, dict[str, Any]]
     path: Path
     overrides: dict[tuple[str, str], dict[str, Any]]
+    lines: Lines = field(default_factory=dict)
 
     # --- loading ---------------------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Registry:
+        """Read and structurally check a registry file, then add (and type-check) each --set override."""
         path = Path(path or os.environ.get("BENCH_REGISTRY") or DEFAULT_REGISTRY)
-        if not path.exists():
-            raise RegistryError(f"registry file not found: {path}")
-        try:
-            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
-        except yaml.YAMLError as exc:
-            raise RegistryError(f"{path}: not valid YAML: {exc}") from exc
+        data, lines = load_file(path)
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise RegistryError(f"{path}: top level must be a mapping of sections {SECTIONS}")
-        bad = sorted(set(data) - set(SECTIONS) - {"version", "defaults"})
+            raise RegistryError(f"{path}: top level must be a mapping of sections {SECTIONS}, got "
+                                f"{type(data).__name__}")
+        bad = sorted(str(k) for k in set(data) - set(SECTIONS) - {"version", "defaults"})
         if bad:
             raise RegistryError(f"{path}: unknown section(s) {bad}.{suggest(bad[0], SECTIONS)} Allowed: {SECTIONS}")
+        problems = _check_structure(data, path, lines)
+        if len(problems) == 1:
+            raise RegistryError(problems[0], problems)
+        if problems:
+            raise RegistryError(f"{path}: {len(problems)} problems:\n  - " + "\n  - ".join(problems), problems)
         reg = cls({s: dict(data.get(s) or {}) for s in SECTIONS} | {"defaults": dict(data.get("defaults") or {})},
-                  path, {})
+                  path, {}, lines)
         for item in overrides:
             reg.add_override(item)
         return reg
 
+    def ctx(self, check_paths: bool = True) -> Ctx:
+        """What schema checks need: the registry's names, and whether paths must exist now (plan time)."""
+        return Ctx({kind: tuple(self.data[section]) for kind, section in REF_SECTIONS.items()}, check_paths,
+                   DEFAULT_REGISTRY.parent)
+
     def add_override(self, item: str) -> None:
-        """`section.name.key=value` (section one of model, concept, method, attack, metric), or `name.key=value`
-        when the name is unambiguous across sections."""
+        """`section.name.key=value` (section one of model, concept, method, attack, metric, wrapper, prompt_set),
+        or `name.key=value` when the name is unambiguous across sections. The value is typed by the entry's
+        schema now (YAML, then the schema's rules: bench.schema.from_cli), so a bad one fails before planning."""
         if "=" not in item:
             raise RegistryError(f"--set '{item}': expected section.name.key=value, e.g. method.esd.lr=1e-4")
         lhs, rhs = item.split("=", 1)
-        parts = lhs.strip().split(".")
-        singular = {"model": "models", "concept": "concepts", "method": "methods", "attack": "attacks",
-                    "metric": "metrics", "wrapper": "wrappers", "prompt_set": "prompt_sets"}
-        if parts[0] in singular and len(parts) >= 3:
-            section, name, key = singular[parts[0]], parts[1], ".".join(parts[2:])
+        parts = [p.strip() for p in lhs.strip().split(".")]
+        if parts[0] in SINGULAR and len(parts) >= 3:
+            section, name, key = SINGULAR[parts[0]], parts[1], ".".join(parts[2:])
         elif len(parts) == 2:
             hits = [s for s in ("models", "concepts", "methods", "wrappers", "attacks", "metrics")
                     if parts[0] in self.data[s]]
@@ -152,10 +98,56 @@ class Registry:
                                     f"({where}); write section.name.key, e.g. method.{parts[0]}.{parts[1]}=...")
             section, name, key = hits[0], parts[0], parts[1]
         else:
-            raise RegistryError(f"--set '{item}': expected section.name.key=value with section in {sorted(singular)}")
+            raise RegistryError(f"--set '{item}': expected section.name.key=value with section in "
+                                f"{sorted(SINGULAR)}.{suggest(parts[0], SINGULAR)}")
         if name not in self.data[section]:
-            raise unknown(section.rstrip("s"), name, self.data[section])
-        self.overrides.setdefault((section, name), {})[key] = parse_value(rhs)
+            raise unknown(section[:-1].replace("_", " "), name, self.data[section])
+        if any(not p for p in key.split(".")):
+            raise RegistryError(f"--set '{item}': empty key in '{key}'")
+        label = f"--set {section[:-1]}.{name}.{key}"
+        t = self._override_type(section, name, key, label)
+        try:
+            value = from_cli(t, rhs, self.ctx())
+        except SchemaError as exc:
+            raise RegistryError(exc.message(label)) from None
+        self.overrides.setdefault((section, name), {})[key] = value
+        # the entry with this override must still resolve (e.g. k.nudty=5 names no concept), even if this run
+        # never uses the entry: a typo in --set must not pass silently
+        if section in COMPONENT_KINDS:
+            self.component(section, name)
+        else:
+            getattr(self, section[:-1])(name)  # model, concept or prompt_set
+
+    def _override_type(self, section: str, name: str, key: str, label: str) -> Type:
+        """The schema type at a (dotted) key of an entry; unknown keys name the allowed ones."""
+        head, *rest = key.split(".")
+        if section in COMPONENT_KINDS:
+            table = self.param_schema(section, name)
+            if head not in table:
+                base = self.entry(section, name).get("params") or {}
+                raise RegistryError(f"{label}: unknown parameter '{head}'.{suggest(head, base)} "
+                                    f"Parameters of {name}: {', '.join(sorted(base)) or 'none'}")
+            t: Type | None = table[head]
+        elif section == "prompt_sets" and head not in PROMPT_SET_OVERRIDABLE:
+            raise RegistryError(f"{label}: unknown key '{head}'.{suggest(head, PROMPT_SET_OVERRIDABLE)} "
+                                f"Allowed: {', '.join(PROMPT_SET_OVERRIDABLE)}")
+        else:
+            t = entry_schema(section)
+        path = [head, *rest] if section not in COMPONENT_KINDS else rest
+        done: list[str] = [] if section not in COMPONENT_KINDS else [head]
+        for part in path:
+            child = t.child(part) if t is not None else None
+            if child is None:
+                fields = getattr(t, "fields", None)
+                if fields:
+                    raise RegistryError(f"{label}: unknown {getattr(t, 'what', 'field')} '{part}' in "
+                                        f"{'.'.join(done) or section[:-1]}.{suggest(part, fields)} Allowed: "
+                                        f"{', '.join(fields)}")
+                raise RegistryError(f"{label}: '{'.'.join(done)}' is not a mapping; set it whole "
+                                    f"(--set {section[:-1]}.{name}.{'.'.join(done)}=VALUE)")
+            t = child
+            done.append(part)
+        return t  # type: ignore[return-value]
 
     # --- names -----------------------------------------------------------------------------------------------
     def names(self, section: str) -> list[str]:
@@ -165,40 +157,54 @@ class Registry:
         table = self.data[section]
         if name not in table:
             raise unknown(section.rstrip("s").replace("prompt_set", "prompt set"), name, table)
-        raw = dict(table[name] or {})
-        if "extends" in raw:
-            parent = self.entry(section, raw.pop("extends"))
-            raw = _merge({k: v for k, v in parent.items() if k not in ("description",)}, raw)
-        return raw
+        return resolve(table, name, section)
 
     def default_suite(self) -> str:
         return str(self.data["defaults"].get("suite", next(iter(self.data["suites"]), "")))
 
+    def param_schema(self, section: str, name: str) -> dict[str, Type]:
+        """A component's `schema:` (merged through `extends`), parsed."""
+        out = {}
+        for key, text in (self.entry(section, name).get("schema") or {}).items():
+            try:
+                out[key] = parse_type(text)
+            except SchemaSyntaxError as exc:
+                raise RegistryError(f"{section}.{name}.schema.{key}: {exc}") from None
+        return out
+
+    def _checked(self, section: str, name: str, raw: Mapping[str, Any]) -> None:
+        """Check an entry (with its overrides applied) against its fixed schema, names and paths included."""
+        try:
+            entry_schema(section).check(raw, self.ctx())  # type: ignore[union-attr]
+        except SchemaError as exc:
+            over = self.overrides.get((section, name), {})
+            label = f"--set {section[:-1]}.{name}" if exc.path.lstrip(".").split(".")[0] in {
+                k.split(".")[0] for k in over} else self._where(section, name)
+            raise RegistryError(exc.message(label)) from None
+
+    def _where(self, section: str, name: str, *keys: str) -> str:
+        line = self.lines.get((section, name, *keys)) or self.lines.get((section, name))
+        return f"{self.path}:{line}: {section}.{name}" if line else f"{section}.{name}"
+
     # --- specs -----------------------------------------------------------------------------------------------
     def model(self, name: str) -> ModelSpec:
         raw = self.entry("models", name) | self.overrides.get(("models", name), {})
-        allowed = {f.name for f in fields(ModelSpec)} - {"name"}
-        bad = sorted(set(raw) - allowed)
-        if bad:
-            raise RegistryError(f"model '{name}': unknown field(s) {bad}.{suggest(bad[0], allowed)} "
-                                f"Allowed: {sorted(allowed)}")
+        self._checked("models", name, raw)
         spec = ModelSpec(name=name, **raw)
         env_path = os.environ.get(f"BENCH_MODEL_{name.upper()}_PATH")
         return replace(spec, path=env_path) if env_path and not spec.path else spec
 
     def prompt_set(self, name: str) -> PromptSetSpec:
-        raw = self.entry("prompt_sets", name)
+        raw = self.entry("prompt_sets", name) | self.overrides.get(("prompt_sets", name), {})
+        self._checked("prompt_sets", name, raw)
         return PromptSetSpec(name=name, prompts=tuple(raw.get("prompts", ())), file=raw.get("file"),
                              description=raw.get("description", ""))
 
     def concept(self, name: str) -> ConceptSpec:
-        raw = _merge(self.entry("concepts", name), self.overrides.get(("concepts", name), {}))
-        for key in ("target", "eval_prompts", "attack_prompts"):
-            if key not in raw:
-                raise RegistryError(f"concept '{name}' lacks required field '{key}'")
-        self.prompt_set(raw["eval_prompts"])
-        for m in raw.get("metrics", ()):
-            self.entry("metrics", m)
+        raw = self.entry("concepts", name)
+        for key, value in self.overrides.get(("concepts", name), {}).items():
+            raw = merge(raw, _nested(key, value))
+        self._checked("concepts", name, raw)
         return ConceptSpec(name=name, target=raw["target"], eval_prompts=raw["eval_prompts"],
                            attack_prompts=tuple(raw["attack_prompts"]), related=tuple(raw.get("related", ())),
                            unrelated=tuple(raw.get("unrelated", ())), forget=tuple(raw.get("forget", ())),
@@ -206,27 +212,50 @@ class Registry:
                            params=params(raw.get("params", {})), description=raw.get("description", ""))
 
     def component(self, section: str, name: str, model: ModelSpec | None = None) -> ComponentSpec:
-        """Resolve params: the entry's (SD/paper) defaults <- scaled[model.defaults] <- --set overrides."""
+        """Resolve params: the entry's (SD/paper) defaults <- scaled[model.defaults] <- --set overrides, each
+        value checked against the entry's schema (every param has one; every schema key is a param)."""
         raw = self.entry(section, name)
         base = dict(raw.get("params") or {})
+        types = self.param_schema(section, name)
+        missing, extra = sorted(set(base) - set(types)), sorted(set(types) - set(base))
+        if missing or extra:
+            raise RegistryError(f"{self._where(section, name)}: params and schema must name the same keys"
+                                + (f"; params without a schema entry: {missing}" if missing else "")
+                                + (f"; schema entries without a param: {extra}" if extra else ""))
+        ctx = self.ctx()
+        self._check_params(types, base, f"{self._where(section, name, 'params')}.params", ctx)
+        origin = dict.fromkeys(base, f"{self._where(section, name, 'params')}.params")
         scaled = raw.get("scaled") or {}
         if model is not None and model.defaults in scaled:
-            extra = sorted(set(scaled[model.defaults]) - set(base))
+            group = scaled[model.defaults] or {}
+            extra = sorted(set(group) - set(base))
             if extra:
                 raise RegistryError(f"{section}.{name}.scaled.{model.defaults}: keys {extra} have no default "
-                                    f"in params; allowed: {sorted(base)}")
-            base = _merge(base, scaled[model.defaults])
+                                    f"in params.{suggest(extra[0], base)} Allowed: {sorted(base)}")
+            where = f"{self._where(section, name, 'scaled')}.scaled.{model.defaults}"
+            self._check_params(types, group, where, ctx)
+            base = merge(base, group)
+            origin |= dict.fromkeys(group, where)
         for key, value in self.overrides.get((section, name), {}).items():
-            if key not in base:
-                raise RegistryError(f"--set {section.rstrip('s')}.{name}.{key}: unknown parameter '{key}'."
-                                    f"{suggest(key, base)} Parameters of {name}: {', '.join(sorted(base)) or 'none'}")
-            base[key] = _check_type(f"--set {section.rstrip('s')}.{name}", key, base[key], value)
-        if "module" not in raw:
-            raise RegistryError(f"{section}.{name} has no 'module' (package.module:Class)")
+            head = key.split(".")[0]
+            base[head] = _set_path(base.get(head), key.split(".")[1:], value)
+            origin[head] = f"--set {section[:-1]}.{name}"
+        self._check_params(types, base, origin, ctx)
         hib = raw.get("higher_is_better")
         return ComponentSpec(kind=COMPONENT_KINDS[section], name=name, module=raw["module"], params=params(base),
                              version=str(raw.get("version", "1")), description=raw.get("description", ""),
                              paper=raw.get("paper", ""), higher_is_better=hib)
+
+    @staticmethod
+    def _check_params(types: Mapping[str, Type], values: Mapping[str, Any], where: str | Mapping[str, str],
+                      ctx: Ctx) -> None:
+        """Each value against its type; `where` labels the layer (params, scaled.<group>, --set) per key."""
+        for key, value in values.items():
+            try:
+                types[key].check(value, ctx)
+            except SchemaError as exc:
+                label = where if isinstance(where, str) else where[key]
+                raise RegistryError(exc.at(f".{key}").message(label)) from None
 
     def method(self, name: str, model: ModelSpec | None = None) -> ComponentSpec:
         """`base[+wrapper...]`: the base method spec carrying its wrapper specs (composition, not a copy)."""
@@ -246,55 +275,28 @@ class Registry:
 
     def suite(self, name: str) -> SuiteSpec:
         raw = self.entry("suites", name)
-        need = ("model", "concept", "methods", "attacks", "metrics", "seeds")
-        missing = [k for k in need if k not in raw]
-        if missing:
-            raise RegistryError(f"suite '{name}' lacks {missing}")
+        self._checked("suites", name, raw)
         return SuiteSpec(name=name, model=raw["model"], concept=raw["concept"], methods=tuple(raw["methods"]),
                          attacks=tuple(raw["attacks"]), metrics=tuple(raw["metrics"]),
-                         seeds=tuple(int(s) for s in raw["seeds"]), description=raw.get("description", ""))
+                         seeds=tuple(raw["seeds"]), description=raw.get("description", ""))
+
+    def per_concept_problems(self, spec: ComponentSpec, section: str, concept: str) -> list[str]:
+        """Per-concept params (`k: {default: 3, nudity: 5}`) that hold no value for `concept`."""
+        out = []
+        for key, t in self.param_schema(section, spec.name.split("+")[0]).items():
+            value = spec.params.get(key)
+            if isinstance(t, PerConcept) and isinstance(value, Mapping) and concept not in value \
+                    and "default" not in value:
+                out.append(f"{spec.kind} {spec.name}: {key} has no value for concept '{concept}' and no default "
+                           f"(has {', '.join(value)}); add one, e.g. --set {spec.kind}.{spec.name}.{key}.{concept}=...")
+        return out
 
     # --- validation ------------------------------------------------------------------------------------------
-    def validate(self) -> list[str]:
-        """Resolve every entry against every model's defaults group; return a list of problems (empty = valid)."""
-        problems: list[str] = []
+    def validate(self, import_modules: bool = False) -> list[str]:
+        """Every problem of the registry (bench.registry_check): empty = valid."""
+        from bench.registry_check import validate
 
-        def attempt(what: str, fn: Any, *args: Any) -> None:
-            try:
-                fn(*args)
-            except (RegistryError, TypeError, KeyError) as exc:
-                problems.append(f"{what}: {exc}")
-
-        models = []
-        for m in self.names("models"):
-            try:
-                models.append(self.model(m))
-            except (RegistryError, TypeError) as exc:
-                problems.append(f"model {m}: {exc}")
-        for c in self.names("concepts"):
-            attempt(f"concept {c}", self.concept, c)
-        for p in self.names("prompt_sets"):
-            attempt(f"prompt set {p}", self.prompt_set, p)
-        for section in ("methods", "wrappers", "attacks", "metrics"):
-            for n in self.names(section):
-                for m in models or [None]:
-                    attempt(f"{section[:-1]} {n}", self.component, section, n, m)
-                if section == "metrics":
-                    attempt(f"metric {n}", self.metric, n)
-        for s in self.names("suites"):
-            try:
-                suite = self.suite(s)
-                self.model(suite.model)
-                self.concept(suite.concept)
-                for n in suite.methods:
-                    self.method(n)
-                for n in suite.attacks:
-                    self.attack(n)
-                for n in suite.metrics:
-                    self.metric(n)
-            except RegistryError as exc:
-                problems.append(f"suite {s}: {exc}")
-        return problems
+        return validate(self, import_modules)
 
     def describe(self, section: str) -> list[tuple[str, str, str]]:
         rows = []
@@ -303,6 +305,21 @@ class Registry:
             extra = raw.get("paper", "") or raw.get("hub_id", "") or raw.get("target", "")
             rows.append((n, str(raw.get("description", "")).strip(), str(extra)))
         return rows
+
+
+def _nested(key: str, value: Any) -> dict[str, Any]:
+    """a.b.c=v -> {a: {b: {c: v}}}, to merge a dotted --set key into an entry."""
+    head, *rest = key.split(".")
+    return {head: _nested(".".join(rest), value) if rest else value}
+
+
+def _set_path(current: Any, keys: list[str], value: Any) -> Any:
+    """Set value at keys inside current (a per-concept scalar becomes {default: scalar, key: value})."""
+    if not keys:
+        return value
+    out = dict(current) if isinstance(current, Mapping) else ({} if current is None else {"default": current})
+    out[keys[0]] = _set_path(out.get(keys[0]), keys[1:], value)
+    return out
 
 
 def as_dict(value: Any) -> Any:

@@ -3,6 +3,11 @@
 The same unlearned model is computed once and reused by every attack; the same images are scored by every metric;
 a changed metric re-scores without regenerating. The model is loaded only when some stage actually has to be
 computed, so a fully cached re-run takes seconds.
+
+Every stage key also holds the numeric environment (`numerics`: device, GPU model, torch version, CPU threads,
+and for stages that sample, the generation batch size): those change the stored bytes, so a cache filled under
+one setting is never silently reused under another. A task (seed, method, attack) that fails at any stage is
+returned as a failure record and produces no rows; the other tasks go on.
 """
 
 from __future__ import annotations
@@ -13,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.data import DataRequest, ImageSet
+from bench.finite import check_tensors, check_value
 from bench.images import load_images, read_caption_folder, save_images
 from bench.plan import Plan
 from bench.plugins import load_class
 from bench.progress import Progress
 from bench.specs import ComponentSpec, thaw
-from bench.store import Entry, Store, sha256_file
+from bench.store import Entry, NotCached, StageFailed, Store, sha256_file
 
 
 def component_identity(spec: ComponentSpec) -> dict[str, Any]:
@@ -28,6 +34,29 @@ def component_identity(spec: ComponentSpec) -> dict[str, Any]:
     if spec.wrappers:
         ident["wrappers"] = [component_identity(w) for w in spec.wrappers]
     return ident
+
+
+class CellFailed(RuntimeError):
+    """A stage of a cell failed: which stage, for what, and why (the original error's type and message)."""
+
+    def __init__(self, stage: str, label: str, reason: str) -> None:
+        self.stage, self.label, self.reason = stage, label, reason
+        super().__init__(f"{stage} ({label}): {reason}")
+
+
+def numerics(device: str, threads: int | None) -> dict[str, Any]:
+    """What besides the inputs changes a stage's bytes: device kind and GPU model, the torch build, and on the
+    CPU the intra-op thread count (float reductions are split by thread). Measured: 1 vs 2 threads move stored
+    pixels by one level; batch size does the same, so stages that sample add it themselves."""
+    import torch
+
+    dev = torch.device(device)
+    env: dict[str, Any] = {"device": dev.type, "torch": torch.__version__}
+    if dev.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    else:
+        env["threads"] = int(threads or torch.get_num_threads())
+    return env
 
 
 @dataclass
@@ -45,7 +74,7 @@ class State:
 
 class Runner:
     def __init__(self, plan: Plan, store: Store, device: str = "cpu", batch_size: int = 16,
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, threads: int | None = None) -> None:
         self.plan = plan
         self.store = store
         self.device = device
@@ -53,6 +82,22 @@ class Runner:
         self.progress = progress or Progress(quiet=True)
         self._model: Any = None
         self.model_id = plan.model.identity()
+        self.numerics = numerics(device, threads)
+        self.sampling_numerics = self.numerics | {"batch_size": batch_size}
+
+    def _stage(self, stage: str, inputs: dict[str, Any], compute: Any, label: str,
+               sampling: bool = False) -> Entry:
+        """store.get_or_compute with the numeric environment in the key; any failure becomes CellFailed naming
+        the stage and what it was for (nothing is stored for it: the store only renames finished entries)."""
+        inputs = inputs | {"numerics": self.sampling_numerics if sampling else self.numerics}
+        try:
+            return self.store.get_or_compute(stage, inputs, compute)
+        except (CellFailed, NotCached):
+            raise
+        except StageFailed as exc:  # the same stage already failed in this run (another task or worker)
+            raise CellFailed(stage, label, exc.reason) from exc
+        except Exception as exc:  # noqa: BLE001 - every failure of a cell is recorded, none stops the matrix
+            raise CellFailed(stage, label, f"{type(exc).__name__}: {exc}") from exc
 
     # --- model -----------------------------------------------------------------------------------------------
     def model(self, deltas: list[Path] | None = None) -> Any:
@@ -99,7 +144,7 @@ class Runner:
             (tmp / "captions.json").write_text(json.dumps({"files": names, "captions": captions}, indent=1))
             return {"n": len(names)}
 
-        return self.store.get_or_compute("data", inputs, compute)
+        return self._stage("data", inputs, compute, label, sampling=not req.data_dir)
 
     @staticmethod
     def image_set(entry: Entry) -> ImageSet:
@@ -127,12 +172,13 @@ class Runner:
             sets = {role: self.image_set(e) for role, e in data.items()}
             result = run_method(model, method, c, seed, self.progress, data=sets)
             delta = model.delta()
+            check_tensors(delta, f"unlearn {method.name}", "unlearned weights")
             save_delta(delta, tmp / "delta.safetensors", {"method": method.name})
             history = result.get("history", [])
             return {"loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
                     "changed_tensors": len(delta), **result.get("diagnostics", {})}
 
-        return self.store.get_or_compute("unlearn", inputs, compute)
+        return self._stage("unlearn", inputs, compute, f"unlearn {method.name} seed {seed}")
 
     def attack(self, attack_spec: ComponentSpec, unlearned: Entry | None, method: ComponentSpec,
                seed: int) -> list[State]:
@@ -153,17 +199,19 @@ class Runner:
             from bench.models.base import save_delta
 
             data = self.image_set(data_entry) if data_entry is not None else None
+            label = f"attack {attack_spec.name} on {method.name}"
             model = self.model(base_files)
 
             def save(step: int, tensors: dict | None = None, metadata: dict[str, str] | None = None) -> None:
                 # default: the changed base tensors; an attack may store its own tensors instead (LoRA factors)
                 payload = model.delta() if tensors is None else tensors
+                check_tensors(payload, label, "checkpoint weights", step)
                 save_delta(payload, tmp / f"step-{step}.safetensors", {**(metadata or {}), "step": str(step)})
 
             attack.run(model, data, seed, save, self.progress)
             return {"steps": steps}
 
-        entry = self.store.get_or_compute("attack", inputs, compute)
+        entry = self._stage("attack", inputs, compute, f"attack {attack_spec.name} on {method.name} seed {seed}")
         # base_files first: a checkpoint may hold only what the attack adds (LoRA factors, or nothing at step 0)
         rewrite = getattr(attack, "eval_prompts", None)  # an attack may evaluate on its own prompts (DreamBooth)
         prompts = rewrite(self.plan.prompts) if rewrite else {}
@@ -202,7 +250,7 @@ class Runner:
                                                          indent=1, default=str))
             return {"n": len(rewrites)}
 
-        entry = self.store.get_or_compute("attack", inputs, compute)
+        entry = self._stage("attack", inputs, compute, f"attack {spec.name} on {method.name} seed {seed}")
         rewrites = json.loads(entry.file("prompts.json").read_text())["rewrites"]
         return State(method.name, spec.name, 0, unlearned.key if unlearned else None, entry.key, base_files,
                      {"target": rewrites})
@@ -232,7 +280,8 @@ class Runner:
             (tmp / "images.json").write_text(json.dumps(info, indent=1))
             return {"n": len(names)}
 
-        return self.store.get_or_compute("generate", inputs, compute)
+        label = f"generate {state.method}/{state.attack}@{state.step} seed {seed}"
+        return self._stage("generate", inputs, compute, label, sampling=True)
 
     def score(self, images: Entry, metric_spec: ComponentSpec) -> Entry:
         inputs = {"images": images.key, "metric": component_identity(metric_spec),
@@ -247,18 +296,22 @@ class Runner:
             info = json.loads(images.file("images.json").read_text())
             arr = load_images(images.file("images"), info["files"])
             result = metric.score(arr, info["prompts"])
+            check_value(result.value, f"metric {metric_spec.name}", "value")
             (tmp / "per_image.json").write_text(json.dumps(result.per_image, indent=1, default=str))
             meta = {"value": result.value, "stderr": result.stderr, "n": result.n, "settings": metric.settings()}
             return meta | result.extra_meta()
 
-        return self.store.get_or_compute("score", inputs, compute)
+        return self._stage("score", inputs, compute, f"score {metric_spec.name}")
 
     # --- the matrix ------------------------------------------------------------------------------------------
-    def tasks(self) -> list[tuple[int, int, int]]:
+    @staticmethod
+    def task_list(plan: Plan) -> list[tuple[int, int, int]]:
         """Units of work in canonical order: (seed, method index, attack index). Each depends only on stages a
         lock-protected store already shares (data, unlearn), so any set of workers may take them in any order."""
-        plan = self.plan
         return [(s, m, a) for s in plan.seeds for m in range(len(plan.methods)) for a in range(len(plan.attacks))]
+
+    def tasks(self) -> list[tuple[int, int, int]]:
+        return self.task_list(self.plan)
 
     def run_task(self, task: tuple[int, int, int]) -> list[dict[str, Any]]:
         """Rows of one (seed, method, attack): unlearn (cached/shared), attack, generate, score."""
@@ -278,10 +331,28 @@ class Runner:
         return rows
 
     def run(self) -> list[dict[str, Any]]:
+        """Every task's rows; the first failure raises (library use and tests; `bench run` uses run_all)."""
         rows: list[dict[str, Any]] = []
         for task in self.tasks():
             rows += self.run_task(task)
         return rows
+
+    def try_task(self, task: tuple[int, int, int]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+        """(rows, None) or ([], failure record): a failed cell yields no rows at all, not even its finished
+        steps, so a partly diverged relearning curve can never be read as a shorter, complete one."""
+        try:
+            return self.run_task(task), None
+        except CellFailed as exc:
+            return [], self.failure(task, exc.stage, exc.label, exc.reason)
+        except NotCached:
+            raise
+        except Exception as exc:  # noqa: BLE001 - outside any stage (building the attack or metric objects)
+            return [], self.failure(task, "setup", "building the cell", f"{type(exc).__name__}: {exc}")
+
+    def failure(self, task: tuple[int, int, int], stage: str, label: str, reason: str) -> dict[str, Any]:
+        seed, mi, ai = task
+        return {"seed": seed, "method": self.plan.methods[mi].name, "attack": self.plan.attacks[ai].name,
+                "stage": stage, "what": label, "reason": reason}
 
     def _diagnostic_rows(self, method: ComponentSpec, unlearned: Entry | None, seed: int) -> list[dict[str, Any]]:
         """Method diagnostics as their own metric rows (e.g. +meta's gradient alignment at start and end)."""

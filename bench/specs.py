@@ -82,6 +82,7 @@ class ModelSpec:
     path: str | None = None
     revision: str | None = None
     allow_download: bool = False
+    allow_pickle: bool = False  # load pickle (.bin/.ckpt) weights, which can run code; default: safetensors only
     resolution: int = 512
     sampler: str = "ddim"
     steps: int = 50

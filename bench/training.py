@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 import torch
 
+from bench.finite import check_loss, check_tensors, describe_params
 from bench.progress import Progress
 
 
@@ -37,6 +38,8 @@ def train(model: Any, task: Trainable, *, steps: int, lr: float, seed: int, opti
     """Run `steps` optimiser steps of task.loss over task.trainable(model); return the loss history.
 
     on_step(step_number_1_based, loss) runs after each step (checkpointing at attack steps uses it).
+    A nan/inf loss, or nan/inf weights at the end, raise bench.finite.NonFinite naming `label`, the trained
+    parameter set and the step, so a diverged run fails its stage instead of being stored.
     """
     named = task.trainable(model)
     if not named:
@@ -46,6 +49,7 @@ def train(model: Any, task: Trainable, *, steps: int, lr: float, seed: int, opti
     for p in named.values():
         p.requires_grad_(True)
     params = list(named.values())
+    param_set = describe_params(list(named))
     opt = make_optimizer(optimizer, params, lr, weight_decay)
     gen = torch.Generator("cpu").manual_seed(int(seed))
     history: list[float] = []
@@ -54,15 +58,17 @@ def train(model: Any, task: Trainable, *, steps: int, lr: float, seed: int, opti
         for step in range(steps):
             opt.zero_grad(set_to_none=True)
             loss = task.loss(model, step, gen)
+            value = check_loss(loss, label, step + 1, param_set)  # before backward: a nan loss never steps
             loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             opt.step()
-            history.append(float(loss.detach()))
+            history.append(value)
             if progress:
                 progress.advance(task_name, loss=history[-1])
             if on_step:
                 on_step(step + 1, history[-1])
+        check_tensors(named, label, "weights after training", steps)
     finally:
         for p in params:
             p.requires_grad_(False)

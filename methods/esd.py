@@ -20,7 +20,7 @@ Variants select the trained parameters (official train-esd.py `train_method`):
 SD defaults (official code, paper Sec. 4): 1000 iterations, Adam lr 1e-5, eta 1.0, ddim_steps 50,
 start_guidance 3, 512 px, batch 1.
 
-Note: the issue text for this project wrote the anchor as eps_0(x_t, c, t); with eta = 1 that would make the
+Note: an earlier specification of this project wrote the anchor as eps_0(x_t, c, t); with eta = 1 that would make the
 target the unconditional prediction rather than negative guidance. We follow the paper (anchor "") and expose
 `anchor` so the other reading is one override away.
 """

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from bench.data import DataRequest, request_for
+from bench.finite import check_loss
 from bench.models.base import Cond, uint8_to_images
 from methods.base import Method
 
@@ -192,9 +193,11 @@ class Meta(Method):
         shadow.load_state_dict(model.unet.state_dict())
         shadow.requires_grad_(True)
         opt = torch.optim.AdamW(shadow.parameters(), lr=float(p["inner_lr"]), weight_decay=float(p["inner_wd"]))
-        for lat, cond, nt in batch.inner:
+        for i, (lat, cond, nt) in enumerate(batch.inner):
             opt.zero_grad(set_to_none=True)
-            model.denoising_loss(lat, cond, scheduler=self.scheduler, unet=shadow, noise_t=nt).backward()
+            inner = model.denoising_loss(lat, cond, scheduler=self.scheduler, unet=shadow, noise_t=nt)
+            check_loss(inner, f"+{self.spec.name} simulated attack", i + 1, "the UNet copy")
+            inner.backward()
             torch.nn.utils.clip_grad_norm_(shadow.parameters(), float(p["inner_clip"]))
             opt.step()
         opt.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ and threshold follow UnlearnDiffAtk (Zhang et al., ECCV 2024; OPTML-Group/Diffus
 classes, score > 0.45. Other papers use six classes >= 0.5 (ErasureBenchmark) or 0.6; both settings are recorded in
 every results row, and every detection (class, score, box) is stored per image.
 
-Extras (issue 7): `thresholds` lists further thresholds scored from the same detections, each its own results row
+Extras: `thresholds` lists further thresholds scored from the same detections, each its own results row
 named `nudenet@<t>` (one detector pass, so comparing the 0.45 / 0.5 / 0.6 conventions costs nothing); per-class
 counts (images with that class above the threshold) go into the score manifest's summary and the HTML report.
 """

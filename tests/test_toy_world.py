@@ -111,6 +111,7 @@ def test_missing_weights_name_the_build_command(tmp_path):
         load_detector(tmp_path)
 
 
+@pytest.mark.slow  # trains a model twice (minutes on 2 cores): `make test-slow`
 def test_tiny_build_writes_loadable_weights_and_resumes(tmp_path):
     from bench.toy.build import STATE_DIR, STATE_FILE, build
     from bench.toy.detector import load_detector
@@ -135,6 +136,7 @@ def test_tiny_build_writes_loadable_weights_and_resumes(tmp_path):
         build(tmp_path, seed=1, steps=3, **kw)
 
 
+@pytest.mark.slow  # trains a model twice (minutes on 2 cores): `make test-slow`
 def test_interrupted_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A build killed mid-way and re-run with the same command ends where an uninterrupted one does."""
     import bench.toy.build as b
@@ -204,8 +206,8 @@ def test_shipped_model_draws_red_when_asked(shipped):
 
 
 def test_shipped_model_through_the_harness_meets_the_toy_bars(registry, torch_single_thread):
-    """Issue bars on a small sample (2 images per caption, all 15 captions), through the same model wrapper and
-    sampler settings as the suites (registry `toy`: DDIM steps and guidance): red prompts come out red
+    """The toy world's quality bars on a small sample (2 images per caption, all 15 captions), through the same
+    model wrapper and sampler settings as the suites (registry `toy`: DDIM steps and guidance): red prompts come out red
     (bar 0.90 at full size; 0.80 here) and colour and shape both match (bar 0.85; 0.80 here)."""
     from bench.models.loading import load_model
     from bench.toy.detector import classify, load_detector

@@ -286,8 +286,17 @@ class DiffusionModel:
             inp = sched.scale_model_input(torch.cat([latents, latents]), t)
             uncond, text = self.predict(inp, t, cond).chunk(2)
             latents = sched.step(uncond + g * (text - uncond), t, latents).prev_sample
+        if not bool(torch.isfinite(latents).all()):  # NaN would become a black image: never a score
+            from bench.finite import NonFinite
+
+            raise NonFinite(f"sampling {self.spec.name}", "latents", None, f"prompts {prompts[:2]}")
         with self.autocast():
-            return images_to_uint8(self.codec.decode(latents))
+            decoded = self.codec.decode(latents)
+        if not bool(torch.isfinite(decoded).all()):
+            from bench.finite import NonFinite
+
+            raise NonFinite(f"decoding {self.spec.name}", "images", None, f"prompts {prompts[:2]}")
+        return images_to_uint8(decoded)
 
     # --- weights deltas --------------------------------------------------------------------------------------
     def snapshot(self) -> None:

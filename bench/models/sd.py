@@ -1,7 +1,8 @@
 """Real Stable Diffusion checkpoints (1.x, 2.x, XL) through diffusers, from a local path or the local HF cache.
 
-Nothing is downloaded unless the model spec sets allow_download. The safety checker is not loaded: the harness
-measures what the weights generate, and the concept metrics are the judges.
+Nothing is downloaded unless the model spec sets allow_download, and only safetensors weights load unless it sets
+allow_pickle (pickle files can execute code). The safety checker is not loaded: the harness measures what the
+weights generate, and the concept metrics are the judges.
 """
 
 from __future__ import annotations
@@ -47,7 +48,10 @@ def load_sd(spec: ModelSpec, device: str = "cpu", dtype: torch.dtype = torch.flo
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     source = spec.path or spec.hub_id
-    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": not spec.allow_download}
+    # use_safetensors=True refuses pickle weights (they can run code); with allow_pickle, None lets diffusers
+    # prefer safetensors and fall back to pickle (False would ignore safetensors even where they exist).
+    kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": not spec.allow_download,
+                              "use_safetensors": None if spec.allow_pickle else True}
     if spec.revision:
         kwargs["revision"] = spec.revision
     if spec.kind == "sdxl":

@@ -1,4 +1,4 @@
-"""Issue 6 attacks on tiny: LoRA files in diffusers' format, DreamBooth prompts, UnlearnDiffAtk's core, and every new
+"""Attacks on tiny: LoRA files in diffusers' format, DreamBooth prompts, UnlearnDiffAtk's core, and every new
 attack evaluated through the runner (store, checkpoints, prompt rewrites)."""
 
 from __future__ import annotations

@@ -32,6 +32,24 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why results or store entries could not be written under `folder` (None if they can): checked before any
+    work, so a typo in --out or --store is exit 2, not a failure of every cell."""
+    import os
+    import tempfile
+
+    if folder.exists() and not folder.is_dir():
+        return "exists and is not a directory"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return f"cannot be created or written ({exc.strerror or exc})"
+    return None
+
+
 def _registry(path: Path | None, overrides: list[str] | None = None) -> Registry:
     try:
         return Registry.load(path, overrides or [])
@@ -138,6 +156,10 @@ def run(
     out_dir = out or Path("results") / req.name
     store_dir = store or (Path(os.environ["BENCH_CACHE"]) if os.environ.get("BENCH_CACHE") else
                           out_dir.resolve().parent / ".store")
+    for what, folder in (("--out", out_dir), ("--store", store_dir)):
+        problem = unwritable(folder)
+        if problem:
+            fail(f"{what} {folder}: {problem}")
     from bench.execute import execute
 
     slurm = {"partition": partition, "gpus_per_node": gpus_per_job, "timeout_min": time}

@@ -99,6 +99,22 @@ def test_bad_run_options_exit_2(args, needle):
     assert_refused(*invoke("run", "--quiet", *args), needle)
 
 
+@pytest.mark.parametrize(("option", "make", "needle"), [
+    ("--out", lambda t: t / "afile", "exists and is not a directory"),
+    ("--out", lambda t: t / "afile" / "sub", "cannot be created or written"),
+    ("--store", lambda t: t / "afile", "exists and is not a directory"),
+    ("--store", lambda t: t / "afile" / "store", "cannot be created or written"),
+])
+def test_unusable_out_or_store_exits_2(tmp_path, option, make, needle):
+    (tmp_path / "afile").write_text("not a folder")
+    other = "--store" if option == "--out" else "--out"
+    bad = make(tmp_path)
+    code, output = invoke("run", "--quiet", "--model", "tiny", "--concept", "nudity", "--methods", "none",
+                          "--attacks", "none", "--metrics", "nudenet", "--seeds", "0", option, str(bad),
+                          other, str(tmp_path / "ok"))
+    assert_refused(code, output, f"{option} {bad}: {needle}")
+
+
 # --- --set overrides ----------------------------------------------------------------------------------------
 SET_CASES = [
     ("attack.ft-lr1e-5.steps=-1", "steps[0]=-1 must be an integer >= 1"),

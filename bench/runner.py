@@ -289,6 +289,7 @@ class Runner:
         metric = load_class(metric_spec.module)(metric_spec, self.plan.concept)
         if hasattr(metric, "bind"):  # metrics with their own cached stage (fid's reference features) or a device
             metric.bind(self.store, self.device)
+            metric.numerics = self.numerics  # that stage's key holds the numeric environment too
         if hasattr(metric, "reference_key"):  # data outside the params (a reference folder's fingerprint)
             inputs["reference"] = metric.reference_key()
 

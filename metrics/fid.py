@@ -167,8 +167,10 @@ class FID(Metric):
         folder = resolve_reference(self.spec.params.get("reference"))
         listing = _listing(str(folder))
         digest = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
-        return {"reference": {"files": len(listing), "digest": digest}, "extractor": self.extractor_identity(),
-                "ref_resolution": self.ref_resolution}
+        out = {"reference": {"files": len(listing), "digest": digest}, "extractor": self.extractor_identity(),
+               "ref_resolution": self.ref_resolution}
+        numerics = getattr(self, "numerics", None)  # set by the runner: threads/device change the features' bytes
+        return out | ({"numerics": numerics} if numerics else {})
 
     def reference_key(self) -> str:
         from bench.store import stage_key

@@ -120,7 +120,11 @@ def test_runner_score_stage_carries_the_reference_key(reference, tiny_extractor,
     s = spec(reference=str(reference))
     runner = Runner(Plan("t", registry.model("tiny"), registry.concept("nudity"), [], [], [s], [0]), store)
     scored = runner.score(images, s)
-    assert scored.manifest["inputs"]["reference"] == fid.FID(s, None).reference_key()
+    bare = fid.FID(s, None)
+    bare.numerics = runner.numerics  # the runner gives the reference stage its numeric environment
+    assert scored.manifest["inputs"]["reference"] == bare.reference_key()
+    ref = next(m for m in store.root.rglob("manifest.json") if m.parent.parent.parent.name == "fid-ref")
+    assert json.loads(ref.read_text())["inputs"]["numerics"] == runner.numerics
     assert np.isfinite(scored.meta["value"]) and scored.meta["settings"]["n_reference"] == 24
     assert {m.parent.parent.parent.name for m in store.root.rglob("manifest.json")} == {"generate", "fid-ref", "score"}
 

@@ -67,6 +67,7 @@ class _Collector:
 
         self.order = {t: i for i, t in enumerate(Runner.task_list(plan))}
         self.done: dict[tuple[int, int, int], list[dict]] = {}
+        self.failed: dict[tuple[int, int, int], dict] = {}
         self.outcome = Outcome()
         self.out_dir = out_dir
         self.progress = progress
@@ -79,7 +80,7 @@ class _Collector:
             self.outcome.counts[k] = self.outcome.counts.get(k, 0) + v
         self.outcome.touched.update(tuple(t) for t in touched)
         if failure is not None:
-            self.outcome.failures.append(failure)
+            self.failed[task] = failure
             self.progress.warn(f"FAILED {failure['method']} x {failure['attack']} seed {failure['seed']}: "
                                f"{failure['stage']} ({failure['what']}): {failure['reason']}")
             return
@@ -88,8 +89,8 @@ class _Collector:
         write_records(self.out_dir / "records.csv", self.outcome.rows)
 
     def finish(self) -> Outcome:
-        key = {(f["seed"], f["method"], f["attack"]): i for i, f in enumerate(self.outcome.failures)}
-        self.outcome.failures.sort(key=lambda f: key[(f["seed"], f["method"], f["attack"])])
+        """The outcome with failures in canonical task order (workers report them in completion order)."""
+        self.outcome.failures = [self.failed[t] for t in sorted(self.failed, key=self.order.__getitem__)]
         return self.outcome
 
 
@@ -137,15 +138,11 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
             if not _all_cached(plan, store, device if not gpu_ids else devices[0], batch_size, per_worker or None,
                                collect):
                 progress.log(f"running {len(devices)} workers: {', '.join(devices)}")
-                collect = _Collector(plan, out_dir, progress)
                 run_workers(plan, store_dir, store.code_version, devices, batch_size, collect, run_id, per_worker)
         else:
             runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress)
             for task in runner.tasks():
-                before, seen = dict(store.counts), set(store.touched)
-                rows, failure = runner.try_task(task)
-                collect((task, rows, failure, {k: store.counts[k] - before.get(k, 0) for k in store.counts},
-                         sorted(store.touched - seen)))
+                collect(runner.task_result(task))
     outcome = collect.finish()
     write_records(out_dir / "records.csv", outcome.rows)
     board = write_leaderboard(out_dir) if outcome.rows else None

@@ -74,11 +74,7 @@ def _init_worker(plan: Plan, store_dir: str, code_version: str, run_id: str, dev
 
 def _do_task(task: Task) -> TaskResult:
     """One task in a worker: its rows or failure, plus the store counts and entries it used."""
-    store = _RUNNER.store
-    before, seen = dict(store.counts), set(store.touched)
-    rows, failure = _RUNNER.try_task(task)
-    counts = {k: store.counts[k] - before.get(k, 0) for k in store.counts}
-    return task, rows, failure, counts, sorted(store.touched - seen)
+    return _RUNNER.task_result(task)
 
 
 def worker_threads(devices: list[str]) -> int:
@@ -138,10 +134,11 @@ def _stop(pool: Any) -> None:
         proc.join(timeout=10)
 
 
-def _dead_worker(plan: Plan, task: Task, exc: BaseException) -> dict[str, Any]:
-    seed, mi, ai = task
-    return {"seed": seed, "method": plan.methods[mi].name, "attack": plan.attacks[ai].name, "stage": "worker",
-            "what": "worker process", "reason": f"the worker process died ({type(exc).__name__}: {exc})"}
+def _dead_worker(plan: Plan, task: Task, exc: BaseException, stage: str = "worker") -> dict[str, Any]:
+    from bench.runner import failure_record
+
+    return failure_record(plan, task, stage, "worker process",
+                          f"the worker process died ({type(exc).__name__}: {exc})")
 
 
 def _worker_run(plan: Plan, store_dir: str, code_version: str, device: str, batch_size: int, run_id: str,
@@ -158,9 +155,7 @@ def _worker_run(plan: Plan, store_dir: str, code_version: str, device: str, batc
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     store = Store(Path(store_dir), code_version=code_version, run_id=run_id)
-    runner = Runner(plan, store, device=device, batch_size=batch_size)
-    rows, failure = runner.try_task(task)
-    return task, rows, failure, dict(store.counts), sorted(store.touched)
+    return Runner(plan, store, device=device, batch_size=batch_size).task_result(task)
 
 
 def run_submitit(plan: Plan, store_dir: Path, code_version: str, batch_size: int, folder: Path,
@@ -189,4 +184,4 @@ def run_submitit(plan: Plan, store_dir: Path, code_version: str, batch_size: int
         try:
             on_result(job.result())
         except Exception as exc:  # noqa: BLE001 - a job that crashed or was cancelled fails its task only
-            on_result((task, [], _dead_worker(plan, task, exc) | {"stage": "job"}, {}, []))
+            on_result((task, [], _dead_worker(plan, task, exc, stage="job"), {}, []))

@@ -59,6 +59,13 @@ def numerics(device: str, threads: int | None) -> dict[str, Any]:
     return env
 
 
+def failure_record(plan: Plan, task: tuple[int, int, int], stage: str, what: str, reason: str) -> dict[str, Any]:
+    """A failed cell as run.json lists it: which (seed, method, attack), at which stage, for what, and why."""
+    seed, mi, ai = task
+    return {"seed": seed, "method": plan.methods[mi].name, "attack": plan.attacks[ai].name, "stage": stage,
+            "what": what, "reason": reason}
+
+
 @dataclass
 class State:
     """A model state to evaluate: the base weights plus an unlearning delta and/or an attack checkpoint."""
@@ -338,6 +345,14 @@ class Runner:
             rows += self.run_task(task)
         return rows
 
+    def task_result(self, task: tuple[int, int, int]) -> tuple:
+        """try_task plus what the task did to the store: (task, rows, failure, counts delta, entries used) - the
+        one record every executor (in-process, workers, submitit jobs) hands to the collector."""
+        before, seen = dict(self.store.counts), set(self.store.touched)
+        rows, failure = self.try_task(task)
+        counts = {k: v - before.get(k, 0) for k, v in self.store.counts.items()}
+        return task, rows, failure, counts, sorted(self.store.touched - seen)
+
     def try_task(self, task: tuple[int, int, int]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
         """(rows, None) or ([], failure record): a failed cell yields no rows at all, not even its finished
         steps, so a partly diverged relearning curve can never be read as a shorter, complete one."""
@@ -351,9 +366,7 @@ class Runner:
             return [], self.failure(task, "setup", "building the cell", f"{type(exc).__name__}: {exc}")
 
     def failure(self, task: tuple[int, int, int], stage: str, label: str, reason: str) -> dict[str, Any]:
-        seed, mi, ai = task
-        return {"seed": seed, "method": self.plan.methods[mi].name, "attack": self.plan.attacks[ai].name,
-                "stage": stage, "what": label, "reason": reason}
+        return failure_record(self.plan, task, stage, label, reason)
 
     def _diagnostic_rows(self, method: ComponentSpec, unlearned: Entry | None, seed: int) -> list[dict[str, Any]]:
         """Method diagnostics as their own metric rows (e.g. +meta's gradient alignment at start and end)."""

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.data import DataRequest, ImageSet
-from bench.specs import ComponentSpec, ConceptSpec
+from unlearn_bench.data import DataRequest, ImageSet
+from unlearn_bench.specs import ComponentSpec, ConceptSpec
 
 AttackData = ImageSet  # the attacker's relearning set
 

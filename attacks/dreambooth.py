@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from attacks.base import AttackData
-from attacks.finetune import Finetune
-from attacks.lora import attached_lora, lora_parameters, lora_saver
-from bench.models.base import sample_seed, uint8_to_images
+from unlearn_bench.attacks.base import AttackData
+from unlearn_bench.attacks.finetune import Finetune
+from unlearn_bench.attacks.lora import attached_lora, lora_parameters, lora_saver
+from unlearn_bench.models.base import sample_seed, uint8_to_images
 
 
 class DreamBooth(Finetune):

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from attacks.base import Attack, AttackData
-from bench.data import DataRequest
-from bench.models.base import Cond, uint8_to_images
-from bench.training import train
-from methods.base import select_parameters
+from unlearn_bench.attacks.base import Attack, AttackData
+from unlearn_bench.data import DataRequest
+from unlearn_bench.methods.base import select_parameters
+from unlearn_bench.models.base import Cond, uint8_to_images
+from unlearn_bench.training import train
 
 
 class Finetune(Attack):

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from attacks.finetune import Finetune
+from unlearn_bench.attacks.finetune import Finetune
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 FORMAT_KEY = "delta_format"  # safetensors metadata marking a file of LoRA factors (vs full tensor values)

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks.base import Attack
-from bench.models.base import sample_seed, uint8_to_images
+from unlearn_bench.attacks.base import Attack
+from unlearn_bench.models.base import sample_seed, uint8_to_images
 
 
 class StraightThroughOneHot(torch.autograd.Function):

@@ -1,5 +1,5 @@
-"""`python -m bench` is the `bench` console script."""
+"""`python -m unlearn_bench` is the `bench` console script."""
 
-from bench.cli import app
+from unlearn_bench.cli import app
 
 app(prog_name="bench")

@@ -15,10 +15,10 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any
 
-from bench.errors import RegistryError, suggest
-from bench.schema import Ctx, SchemaSyntaxError, Struct, Type, parse_type, show
-from bench.specs import ModelSpec
-from bench.yamlio import Lines
+from unlearn_bench.errors import RegistryError, suggest
+from unlearn_bench.schema import Ctx, SchemaSyntaxError, Struct, Type, parse_type, show
+from unlearn_bench.specs import ModelSpec
+from unlearn_bench.yamlio import Lines
 
 SECTIONS = ("models", "concepts", "prompt_sets", "methods", "wrappers", "attacks", "metrics", "suites")
 COMPONENT_KINDS = {"methods": "method", "wrappers": "wrapper", "attacks": "attack", "metrics": "metric"}

@@ -143,7 +143,7 @@ def failed(results: list[dict[str, Any]], allow_missing: bool = False) -> bool:
 
 def write_baseline(current: Any, path: Path) -> None:
     """The run's records, reduced to what a verdict needs, as the new committed baseline."""
-    from bench.store import write_text_atomic
+    from unlearn_bench.store import write_text_atomic
 
     cols = [c for c in BASELINE_COLUMNS if c in current.columns]
     write_text_atomic(path, current[cols].to_csv(index=False, float_format="%.6g"))

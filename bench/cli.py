@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from bench.registry import Registry, RegistryError, suggest
-from bench.store_admin import store_app
+from unlearn_bench.registry import Registry, RegistryError, suggest
+from unlearn_bench.store_admin import store_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Relearning-robustness benchmark for concept unlearning in text-to-image diffusion models.")
@@ -64,7 +64,7 @@ def ls(section: Annotated[str, typer.Argument(help=f"one of {', '.join(LS_SECTIO
     """List registry entries with a one-line description (and the paper or source)."""
     reg = _registry(registry)
     if section not in LS_SECTIONS:
-        from bench.registry import suggest
+        from unlearn_bench.registry import suggest
 
         fail(f"unknown section '{section}'.{suggest(section, LS_SECTIONS)} Choose from: {', '.join(LS_SECTIONS)}")
     from rich.console import Console
@@ -142,7 +142,7 @@ def run(
     """Run the method x attack x metric matrix; every stage is cached, so re-running resumes."""
     import os
 
-    from bench.plan import make_plan, request_from
+    from unlearn_bench.plan import make_plan, request_from
 
     check_run_options(device, batch_size, workers, executor, gpus, gpus_per_job, time)
     if threads < 0:
@@ -160,13 +160,13 @@ def run(
         problem = unwritable(folder)
         if problem:
             fail(f"{what} {folder}: {problem}")
-    from bench.execute import execute
+    from unlearn_bench.execute import execute
 
     slurm = {"partition": partition, "gpus_per_node": gpus_per_job, "timeout_min": time}
     outcome = execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet, workers=workers,
                       gpus=gpus, executor=executor, slurm=slurm, threads=threads)
     if outcome.failures:
-        from bench.execute import EXIT_FAILED_CELLS
+        from unlearn_bench.execute import EXIT_FAILED_CELLS
 
         raise typer.Exit(EXIT_FAILED_CELLS)
 
@@ -179,7 +179,7 @@ def table(out: Annotated[Path, typer.Argument(help="a results directory holding 
     """Print the leaderboard of a results directory as a Markdown table (what README's tables are made with)."""
     if not (out / "records.csv").exists():
         fail(f"{out}/records.csv not found; run `bench run --out {out}` first")
-    from bench.results import markdown_table
+    from unlearn_bench.results import markdown_table
 
     keep = tuple(m.strip() for m in metrics.split(",") if m.strip()) if metrics else None
     try:
@@ -202,13 +202,13 @@ def score_cmd(
     """Re-score a run's stored images with new or changed metrics, without generating anything."""
     reg = _registry(registry, set_)
     names = tuple(m.strip() for m in (metrics or "").split(",") if m.strip())
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    from bench.execute import resolve_device
-    from bench.progress import Progress
-    from bench.results import markdown_table
-    from bench.score import rescore
+    from unlearn_bench.execute import resolve_device
+    from unlearn_bench.progress import Progress
+    from unlearn_bench.results import markdown_table
+    from unlearn_bench.score import rescore
 
     try:
         with Progress(quiet=quiet) as progress:
@@ -233,7 +233,7 @@ def report(
             fail(f"{out}/{name} not found; run `bench run --out {out}` first")
     if images < 1:
         fail(f"--images {images}: must be >= 1")
-    from bench.report import build_report
+    from unlearn_bench.report import build_report
 
     typer.echo(build_report(out, store, images))
 
@@ -249,7 +249,7 @@ def check(
     update: Annotated[bool, typer.Option(help="write the run as the new baseline instead of checking")] = False,
 ) -> None:
     """Compare every metric with the baseline in its own direction; exit 1 on any regression."""
-    from bench.check import compare, failed, parse_tolerances, read_table, render, write_baseline
+    from unlearn_bench.check import compare, failed, parse_tolerances, read_table, render, write_baseline
 
     try:
         tol = parse_tolerances(tolerance)
@@ -284,7 +284,7 @@ def perf(
     """Measure ESD it/s vs a plain fp32 loop, images/s vs diffusers' pipeline, and peak memory."""
     import json
 
-    from bench.perf import run_perf
+    from unlearn_bench.perf import run_perf
 
     rows = run_perf(model, device, iters, [int(b) for b in batch_sizes.split(",")], steps)
     for row in rows:
@@ -300,10 +300,10 @@ def toy_build(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Train the toy text-to-image model and its concept detector (seeded, resumable)."""
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    from bench.toy.build import build
+    from unlearn_bench.toy.build import build
 
     target = out or Path(__file__).resolve().parent / "toy" / "weights"
     figures = build(target, seed=seed, steps=steps, device=device, quiet=quiet)

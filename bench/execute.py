@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.plan import Plan
-from bench.progress import Progress
+from unlearn_bench.plan import Plan
+from unlearn_bench.progress import Progress
 
 
 def resolve_device(device: str) -> str:
@@ -63,7 +63,7 @@ class _Collector:
     so an interrupted run leaves the cells it finished (and a re-run computes only the rest)."""
 
     def __init__(self, plan: Plan, out_dir: Path, progress: Progress) -> None:
-        from bench.runner import Runner
+        from unlearn_bench.runner import Runner
 
         self.order = {t: i for i, t in enumerate(Runner.task_list(plan))}
         self.done: dict[tuple[int, int, int], list[dict]] = {}
@@ -73,7 +73,7 @@ class _Collector:
         self.progress = progress
 
     def __call__(self, result: tuple) -> None:
-        from bench.results import write_records
+        from unlearn_bench.results import write_records
 
         task, rows, failure, counts, touched = result
         for k, v in counts.items():
@@ -100,12 +100,12 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     """Run the plan; every cell either lands in records.csv or in run.json's failure list (never both)."""
     import uuid
 
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    from bench.results import code_version, provenance, write_leaderboard, write_records, write_run_json
-    from bench.runner import Runner
-    from bench.store import Store
+    from unlearn_bench.results import code_version, provenance, write_leaderboard, write_records, write_run_json
+    from unlearn_bench.runner import Runner
+    from unlearn_bench.store import Store
 
     started = time.time()
     device = resolve_device(device)
@@ -125,12 +125,12 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     with Progress(quiet=quiet) as progress:
         collect = _Collector(plan, out_dir, progress)
         if executor in ("slurm", "submitit-local"):
-            from bench.parallel import run_submitit
+            from unlearn_bench.parallel import run_submitit
 
             run_submitit(plan, store_dir, store.code_version, batch_size, out_dir / "submitit",
                          "local" if executor == "submitit-local" else "slurm", slurm or {}, collect, run_id)
         elif gpu_ids or workers > 1:
-            from bench.parallel import run_workers, worker_threads
+            from unlearn_bench.parallel import run_workers, worker_threads
 
             devices = [f"cuda:{i}" for i in gpu_ids] if gpu_ids else ["cpu"] * workers
             # everything cached: answer in this process, without starting workers (seconds of imports each)
@@ -166,8 +166,8 @@ def _all_cached(plan: Plan, store: Any, device: str, batch_size: int, threads: i
     workers' numeric environment so the keys are theirs), else False and nothing collected."""
     from dataclasses import replace
 
-    from bench.runner import Runner
-    from bench.store import NotCached
+    from unlearn_bench.runner import Runner
+    from unlearn_bench.store import NotCached
 
     probe = replace(store, cached_only=True, counts={"cached": 0, "computed": 0}, touched=set())
     runner = Runner(plan, probe, device=device, batch_size=batch_size, progress=Progress(quiet=True),

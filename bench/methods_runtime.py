@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.plugins import load_class
-from bench.progress import Progress
-from bench.specs import ComponentSpec, ConceptSpec
-from bench.training import train
+from unlearn_bench.plugins import load_class
+from unlearn_bench.progress import Progress
+from unlearn_bench.specs import ComponentSpec, ConceptSpec
+from unlearn_bench.training import train
 
 
 def build_method(spec: ComponentSpec, concept: ConceptSpec) -> Any:

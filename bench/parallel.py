@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.plan import Plan
+from unlearn_bench.plan import Plan
 
 Task = tuple[int, int, int]
 TaskResult = tuple[Task, list[dict[str, Any]], dict[str, Any] | None, dict[str, int], list[tuple[str, str]]]
@@ -57,7 +57,7 @@ def _init_worker(plan: Plan, store_dir: str, code_version: str, run_id: str, dev
     global _RUNNER
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import torch
@@ -65,8 +65,8 @@ def _init_worker(plan: Plan, store_dir: str, code_version: str, run_id: str, dev
     if threads > 0:
         torch.set_num_threads(threads)
     device = devices.get()
-    from bench.runner import Runner
-    from bench.store import Store
+    from unlearn_bench.runner import Runner
+    from unlearn_bench.store import Store
 
     store = Store(Path(store_dir), code_version=code_version, run_id=run_id)
     _RUNNER = Runner(plan, store, device=device, batch_size=batch_size, threads=threads or None)
@@ -91,7 +91,7 @@ def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[st
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
 
-    from bench.runner import Runner
+    from unlearn_bench.runner import Runner
 
     tasks = Runner.task_list(plan)
     ctx = mp.get_context("spawn")
@@ -135,7 +135,7 @@ def _stop(pool: Any) -> None:
 
 
 def _dead_worker(plan: Plan, task: Task, exc: BaseException, stage: str = "worker") -> dict[str, Any]:
-    from bench.runner import failure_record
+    from unlearn_bench.runner import failure_record
 
     return failure_record(plan, task, stage, "worker process",
                           f"the worker process died ({type(exc).__name__}: {exc})")
@@ -144,13 +144,13 @@ def _dead_worker(plan: Plan, task: Task, exc: BaseException, stage: str = "worke
 def _worker_run(plan: Plan, store_dir: str, code_version: str, device: str, batch_size: int, run_id: str,
                 task: Task) -> TaskResult:
     """Body of one Slurm (submitit) job: one task against the shared store."""
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import torch
 
-    from bench.runner import Runner
-    from bench.store import Store
+    from unlearn_bench.runner import Runner
+    from unlearn_bench.store import Store
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -167,7 +167,7 @@ def run_submitit(plan: Plan, store_dir: Path, code_version: str, batch_size: int
         import submitit
     except ImportError as exc:
         raise RuntimeError("--executor slurm needs submitit: pip install 'submitit>=1.5' (the [slurm] extra)") from exc
-    from bench.runner import Runner
+    from unlearn_bench.runner import Runner
 
     tasks = Runner.task_list(plan)
     executor = submitit.AutoExecutor(folder=str(folder), cluster=cluster)

@@ -35,9 +35,9 @@ def sd14_shaped(spec: Any, device: str) -> Any:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.models.base import DiffusionModel, VAECodec
-    from bench.models.tiny import SD1_SCHEDULER
-    from bench.models.tokenizer import load_clip_tokenizer
+    from unlearn_bench.models.base import DiffusionModel, VAECodec
+    from unlearn_bench.models.tiny import SD1_SCHEDULER
+    from unlearn_bench.models.tokenizer import load_clip_tokenizer
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD14_UNET)
@@ -53,8 +53,8 @@ def _sync(device: str) -> None:
 
 def time_esd(model: Any, esd_spec: Any, concept: Any, iters: int, plain: bool) -> dict[str, float]:
     """ESD iterations/s through the shared loop; plain=True: fp32 teacher, no autocast, TF32 off."""
-    from bench.methods_runtime import build_method
-    from bench.training import make_optimizer
+    from unlearn_bench.methods_runtime import build_method
+    from unlearn_bench.training import make_optimizer
 
     device = str(model.device)
     saved = (model.amp_dtype, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
@@ -126,11 +126,11 @@ def time_sampling(model: Any, batch: int, steps: int, guidance: float) -> dict[s
 
 
 def run_perf(model_name: str, device: str, iters: int, batch_sizes: list[int], steps: int) -> list[dict[str, Any]]:
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
-    from bench.models.loading import load_model
-    from bench.registry import Registry
+    from unlearn_bench.models.loading import load_model
+    from unlearn_bench.registry import Registry
 
     reg = Registry.load()
     if model_name == "sd14-shaped":

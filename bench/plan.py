@@ -10,9 +10,9 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.prompts import PromptRow, PromptTable, expand, load_prompt_set
-from bench.registry import Registry, RegistryError
-from bench.specs import ComponentSpec, ConceptSpec, ModelSpec, SuiteSpec, thaw
+from unlearn_bench.prompts import PromptRow, PromptTable, expand, load_prompt_set
+from unlearn_bench.registry import Registry, RegistryError
+from unlearn_bench.specs import ComponentSpec, ConceptSpec, ModelSpec, SuiteSpec, thaw
 
 RunRequest = SuiteSpec  # a run is a suite resolved with the CLI's overrides (same fields, same meaning)
 
@@ -37,7 +37,7 @@ class Plan:
     def eval_seeds(self, scope: str, seed: int) -> list[int]:
         """Per-image generation seeds: derived from (run seed, scope, prompt, repeat index), so a seed's
         images are independent of batch size, of other prompts, and of the other seeds."""
-        from bench.models.base import sample_seed
+        from unlearn_bench.models.base import sample_seed
 
         seen: dict[str, int] = {}
         fixed = self.fixed_seeds.get(scope)
@@ -139,7 +139,7 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
             plan.prompt_sources[scope] = table.describe()
         plan.prompt_sets[scope] = table.name
     if check_weights:
-        from bench.models.loading import check_available
+        from unlearn_bench.models.loading import check_available
 
         check_available(model)
         preflight_metrics(metrics)
@@ -149,7 +149,7 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
 def preflight_metrics(metrics: list[ComponentSpec]) -> None:
     """Metrics that need local files (clip's weights; fid's Inception and reference folder) check them now, so a
     missing download stops the run with exit 2 before hours of generation rather than at the first score."""
-    from bench.plugins import load_class
+    from unlearn_bench.plugins import load_class
 
     for spec in metrics:
         check = getattr(load_class(spec.module), "preflight", None)

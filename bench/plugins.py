@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from bench.registry import RegistryError
+from unlearn_bench.registry import RegistryError
 
 
 def load_class(ref: str) -> Any:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.registry import Registry, RegistryError
-from bench.schema import resolve_data_path
+from unlearn_bench.registry import Registry, RegistryError
+from unlearn_bench.schema import resolve_data_path
 
 SEED_COLUMNS = ("evaluation_seed", "sd_seed", "seed")
 GUIDANCE_COLUMNS = ("evaluation_guidance", "sd_guidance", "guidance")

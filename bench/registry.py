@@ -13,17 +13,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from bench.catalogue import COMPONENT_KINDS, REF_SECTIONS, SECTIONS, entry_schema, merge, resolve
-from bench.catalogue import check_structure as _check_structure
-from bench.errors import RegistryError as RegistryError
-from bench.errors import suggest as suggest
-from bench.errors import unknown as unknown
-from bench.schema import Ctx, PerConcept, SchemaError, SchemaSyntaxError, Type, from_cli, parse_type
-from bench.specs import ComponentSpec, ConceptSpec, ModelSpec, PromptSetSpec, SuiteSpec, params, thaw
-from bench.yamlio import Lines, load_file
-from bench.yamlio import Loader as _Loader  # noqa: F401 - the loader --set values and registry files share
+from unlearn_bench.catalogue import COMPONENT_KINDS, REF_SECTIONS, SECTIONS, entry_schema, merge, resolve
+from unlearn_bench.catalogue import check_structure as _check_structure
+from unlearn_bench.errors import RegistryError as RegistryError
+from unlearn_bench.errors import suggest as suggest
+from unlearn_bench.errors import unknown as unknown
+from unlearn_bench.schema import Ctx, PerConcept, SchemaError, SchemaSyntaxError, Type, from_cli, parse_type
+from unlearn_bench.specs import ComponentSpec, ConceptSpec, ModelSpec, PromptSetSpec, SuiteSpec, params, thaw
+from unlearn_bench.yamlio import Lines, load_file
+from unlearn_bench.yamlio import Loader as _Loader  # noqa: F401 - the loader --set values and registry files share
 
-DEFAULT_REGISTRY = Path(__file__).resolve().parent.parent / "registry.yaml"
+# The catalogue ships inside the package (bench/registry.yaml links to the top-level registry.yaml, and the wheel
+# holds a copy), so an installed copy finds it; relative paths in it resolve against this folder first.
+DEFAULT_REGISTRY = Path(__file__).resolve().parent / "registry.yaml"
 SINGULAR = {"model": "models", "concept": "concepts", "method": "methods", "attack": "attacks", "metric": "metrics",
             "wrapper": "wrappers", "prompt_set": "prompt_sets"}
 PROMPT_SET_OVERRIDABLE = ("file", "format", "limit")
@@ -31,7 +33,7 @@ PROMPT_SET_OVERRIDABLE = ("file", "format", "limit")
 
 def parse_value(text: str) -> Any:
     """A --set value without a schema to type it: YAML, with a plain comma string read as a list (50,100)."""
-    from bench.yamlio import parse_scalar
+    from unlearn_bench.yamlio import parse_scalar
 
     value = parse_scalar(text.strip())
     if isinstance(value, str) and "," in value and text.strip()[:1] not in "'\"":
@@ -294,7 +296,7 @@ class Registry:
     # --- validation ------------------------------------------------------------------------------------------
     def validate(self, import_modules: bool = False) -> list[str]:
         """Every problem of the registry (bench.registry_check): empty = valid."""
-        from bench.registry_check import validate
+        from unlearn_bench.registry_check import validate
 
         return validate(self, import_modules)
 

@@ -19,12 +19,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.catalogue import COMPONENT_KINDS
-from bench.errors import RegistryError, suggest
-from bench.schema import SchemaError
+from unlearn_bench.catalogue import COMPONENT_KINDS
+from unlearn_bench.errors import RegistryError, suggest
+from unlearn_bench.schema import SchemaError
 
 if TYPE_CHECKING:
-    from bench.registry import Registry
+    from unlearn_bench.registry import Registry
 
 
 def _defined_names(path: Path) -> set[str]:
@@ -46,7 +46,7 @@ def module_problem(ref: str, import_modules: bool = False) -> str | None:
     """Why `package.module:Class` does not name a class, or None."""
     mod, _, attr = ref.partition(":")
     if import_modules:
-        from bench.plugins import load_class
+        from unlearn_bench.plugins import load_class
 
         static = module_problem(ref)  # the same wording (and did-you-mean) for a missing module or class
         if static is not None:

@@ -154,7 +154,7 @@ def _pick(prompts: list[str], k: int) -> list[int]:
 
 
 def _images(store: Any, key: str) -> tuple[np.ndarray, list[str]] | None:
-    from bench.images import load_images
+    from unlearn_bench.images import load_images
 
     entry = store.lookup("generate", key) if key else None
     if entry is None:
@@ -322,7 +322,7 @@ def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: i
     """Write out_dir/report.html and the figures beside it (report-curve-*.png, report-grid-*.png)."""
     import pandas as pd
 
-    from bench.store import Store, write_text_atomic
+    from unlearn_bench.store import Store, write_text_atomic
 
     run = json.loads((out_dir / "run.json").read_text())
     df = pd.read_csv(out_dir / "records.csv", keep_default_na=True)

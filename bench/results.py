@@ -16,7 +16,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.store import write_json_atomic, write_text_atomic
+from unlearn_bench.store import write_json_atomic, write_text_atomic
 
 RECORD_COLUMNS = [
     "suite", "model", "concept", "method", "attack", "attack_step", "metric", "seed", "value", "stderr", "n",

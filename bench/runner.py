@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.data import DataRequest, ImageSet
-from bench.finite import check_tensors, check_value
-from bench.images import load_images, read_caption_folder, save_images
-from bench.plan import Plan
-from bench.plugins import load_class
-from bench.progress import Progress
-from bench.specs import ComponentSpec, thaw
-from bench.store import Entry, NotCached, StageFailed, Store, sha256_file
+from unlearn_bench.data import DataRequest, ImageSet
+from unlearn_bench.finite import check_tensors, check_value
+from unlearn_bench.images import load_images, read_caption_folder, save_images
+from unlearn_bench.plan import Plan
+from unlearn_bench.plugins import load_class
+from unlearn_bench.progress import Progress
+from unlearn_bench.specs import ComponentSpec, thaw
+from unlearn_bench.store import Entry, NotCached, StageFailed, Store, sha256_file
 
 
 def component_identity(spec: ComponentSpec) -> dict[str, Any]:
@@ -108,13 +108,13 @@ class Runner:
 
     # --- model -----------------------------------------------------------------------------------------------
     def model(self, deltas: list[Path] | None = None) -> Any:
-        from bench.models.base import load_delta
-        from bench.models.loading import load_model
+        from unlearn_bench.models.base import load_delta
+        from unlearn_bench.models.loading import load_model
 
         if self._model is None:
             self.progress.log(f"loading model [bold]{self.plan.model.name}[/bold] on {self.device}")
             self._model = load_model(self.plan.model, self.device)
-        from attacks.lora import is_lora_delta, merge_lora
+        from unlearn_bench.attacks.lora import is_lora_delta, merge_lora
 
         loaded = [load_delta(p) for p in deltas or []]
         self._model.load_state([d for d in loaded if not is_lora_delta(d)])
@@ -138,7 +138,7 @@ class Runner:
                       "role": req.role}
 
         def compute(tmp: Path) -> dict[str, Any]:
-            from bench.models.base import sample_seed
+            from unlearn_bench.models.base import sample_seed
 
             if req.data_dir:
                 images, captions = read_caption_folder(Path(req.data_dir), p.resolution)
@@ -159,9 +159,9 @@ class Runner:
         return ImageSet(load_images(entry.file("images"), cap["files"]), cap["captions"])
 
     def unlearn(self, method: ComponentSpec, seed: int) -> Entry | None:
-        if method.module == "methods.base:NoUnlearning" and not method.wrappers:
+        if method.module == "unlearn_bench.methods.base:NoUnlearning" and not method.wrappers:
             return None
-        from bench.methods_runtime import build_method
+        from unlearn_bench.methods_runtime import build_method
 
         c = self.plan.concept
         requests = build_method(method, c).data_requests()
@@ -172,8 +172,8 @@ class Runner:
                   "data": {role: e.key for role, e in data.items()}}
 
         def compute(tmp: Path) -> dict[str, Any]:
-            from bench.methods_runtime import run_method
-            from bench.models.base import save_delta
+            from unlearn_bench.methods_runtime import run_method
+            from unlearn_bench.models.base import save_delta
 
             model = self.model()
             sets = {role: self.image_set(e) for role, e in data.items()}
@@ -203,7 +203,7 @@ class Runner:
                   "data": data_entry.key if data_entry else None, "seed": seed}
 
         def compute(tmp: Path) -> dict[str, Any]:
-            from bench.models.base import save_delta
+            from unlearn_bench.models.base import save_delta
 
             data = self.image_set(data_entry) if data_entry is not None else None
             label = f"attack {attack_spec.name} on {method.name}"

@@ -30,8 +30,8 @@ from collections.abc import Collection, Mapping
 from functools import lru_cache
 from typing import Any
 
-from bench.errors import RegistryError, suggest
-from bench.schema_types import (
+from unlearn_bench.errors import RegistryError, suggest
+from unlearn_bench.schema_types import (
     REF_KINDS,
     Bool,
     Choice,
@@ -66,7 +66,7 @@ class ListType(Type):
         return f"a list{length_words(self.lo, self.hi, 'item')} (each {self.elem.describe()})"
 
     def check(self, value: Any, ctx: Ctx, coerce: bool = False, text: str | None = None) -> Any:
-        from bench.yamlio import parse_scalar
+        from unlearn_bench.yamlio import parse_scalar
 
         if isinstance(value, list | tuple):
             items: list[tuple[Any, str | None]] = [(v, None) for v in value]
@@ -200,7 +200,7 @@ class Struct(Type):
 
 def from_cli(t: Type, text: str, ctx: Ctx) -> Any:
     """Type a --set value (see the module docstring for the rules)."""
-    from bench.yamlio import parse_scalar
+    from unlearn_bench.yamlio import parse_scalar
 
     s = text.strip()
     if not s:
@@ -297,7 +297,7 @@ def parse_type(spec: Any) -> Type:
 
 @lru_cache(maxsize=512)
 def _parse(spec: str) -> Type:
-    from bench.yamlio import parse_scalar
+    from unlearn_bench.yamlio import parse_scalar
 
     s = spec
     alts = _split_top(s, "|")

@@ -1,6 +1,6 @@
 """The scalar types of the schema language (bench.schema), its error type and the checking context.
 
-Split from bench.schema only to keep files short; bench.schema is the entry point (parse_type, from_cli).
+Split from unlearn_bench.schema only to keep files short; bench.schema is the entry point (parse_type, from_cli).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.errors import suggest
+from unlearn_bench.errors import suggest
 
 REF_KINDS = {"prompt-set": "prompt set", "metric": "metric", "model": "model", "concept": "concept",
              "method": "method", "attack": "attack", "wrapper": "wrapper"}
@@ -64,11 +64,15 @@ class Ctx:
 
 
 def resolve_data_path(text: str, root: Path) -> Path:
-    """Absolute paths as given; relative ones under $BENCH_DATA when set, else under `root`."""
+    """Absolute paths as given. A relative one names a file shipped beside the registry file (`root`: the bundled
+    prompt sets inside the installed package) when one is there; otherwise user data under $BENCH_DATA when set,
+    else under the current directory (so `data/prompts/x.csv` means the same from a clone and from a wheel)."""
     p = Path(os.path.expanduser(text))
     if p.is_absolute():
         return p
-    base = Path(os.environ["BENCH_DATA"]).expanduser() if os.environ.get("BENCH_DATA") else root
+    if (root / p).exists():
+        return (root / p).resolve()
+    base = Path(os.environ["BENCH_DATA"]).expanduser() if os.environ.get("BENCH_DATA") else Path.cwd()
     return (base / p).resolve()
 
 

@@ -19,8 +19,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from bench.registry import Registry, RegistryError
-from bench.specs import ConceptSpec, ModelSpec, params, thaw
+from unlearn_bench.registry import Registry, RegistryError
+from unlearn_bench.specs import ConceptSpec, ModelSpec, params, thaw
 
 CELL = ("seed", "method", "attack", "attack_step")
 
@@ -50,7 +50,7 @@ def _base(metric: str, names: set[str]) -> str | None:
 
 
 def load_run(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    from bench.results import read_records
+    from unlearn_bench.results import read_records
 
     for name in ("run.json", "records.csv"):
         if not (out_dir / name).exists():
@@ -61,10 +61,10 @@ def load_run(out_dir: Path) -> tuple[dict[str, Any], list[dict[str, str]]]:
 def rescore(out_dir: Path, reg: Registry, metric_names: tuple[str, ...] = (), store_dir: Path | None = None,
             device: str = "cpu", progress: Any = None, dest: Path | None = None) -> list[dict[str, Any]]:
     """Score the stored images of `out_dir` with `metric_names` (default: the run's own metrics); returns all rows."""
-    from bench.plan import Plan, preflight_metrics
-    from bench.results import write_leaderboard, write_records, write_run_json
-    from bench.runner import Runner, variant_rows
-    from bench.store import Store
+    from unlearn_bench.plan import Plan, preflight_metrics
+    from unlearn_bench.results import write_leaderboard, write_records, write_run_json
+    from unlearn_bench.runner import Runner, variant_rows
+    from unlearn_bench.store import Store
 
     run, records = load_run(out_dir)
     plan_d = run["plan"]

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.specs import thaw
+from unlearn_bench.specs import thaw
 
 HASH_SCHEME = "bench-stage-v2"  # bump when the meaning of a key's inputs (or the manifest layout) changes
 # Manifests this code can read: v1 listed files as {name: sha256} (no sizes). Entries of v1 keys are only looked up
@@ -41,7 +41,7 @@ READABLE_SCHEMES = ("bench-stage-v1", HASH_SCHEME)
 RESERVED = ("locks", "tmp", "quarantine", "failed")  # top-level folders that are not stages
 LOCK_TIMEOUT_S = 120.0  # a lookup that finds damage waits this long for the key's lock before leaving it be
 
-log = logging.getLogger("bench.store")
+log = logging.getLogger("unlearn_bench.store")
 
 
 def canonical(obj: Any) -> str:

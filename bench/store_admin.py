@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.store import RESERVED, Entry, Store, _host, parse_tmp_name, pid_alive, read_entry
+from unlearn_bench.store import RESERVED, Entry, Store, _host, parse_tmp_name, pid_alive, read_entry
 
 KEY_RE = re.compile(r"[0-9a-f]{24}")
 RECORD_KEY_COLUMNS = ("unlearn_key", "attack_key", "images_key", "cell_hash")

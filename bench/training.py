@@ -12,8 +12,8 @@ from typing import Any, Protocol
 
 import torch
 
-from bench.finite import check_loss, check_tensors, describe_params
-from bench.progress import Progress
+from unlearn_bench.finite import check_loss, check_tensors, describe_params
+from unlearn_bench.progress import Progress
 
 
 class Trainable(Protocol):

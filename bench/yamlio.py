@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from bench.errors import RegistryError
+from unlearn_bench.errors import RegistryError
 
 
 class Loader(yaml.SafeLoader):

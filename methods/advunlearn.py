@@ -40,9 +40,9 @@ from typing import Any
 
 import torch
 
-from bench.models.base import Cond
-from methods.base import Method
-from methods.esd import esd_target
+from unlearn_bench.methods.base import Method
+from unlearn_bench.methods.esd import esd_target
+from unlearn_bench.models.base import Cond
 
 NUDITY_GAMMA, OTHER_GAMMA = 0.3, 0.5  # README --retain_loss_w 0.3 for nudity; paper Sec. 5: 0.5 style/objects
 

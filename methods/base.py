@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from bench.data import DataRequest, ImageSet
-from bench.specs import ComponentSpec, ConceptSpec
+from unlearn_bench.data import DataRequest, ImageSet
+from unlearn_bench.specs import ComponentSpec, ConceptSpec
 
 
 class Method:

@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from bench.models.base import Cond
-from methods.base import Method, select_parameters
+from unlearn_bench.methods.base import Method, select_parameters
+from unlearn_bench.models.base import Cond
 
 VARIANTS: dict[str, tuple[list[str], list[str]]] = {
     "esd-x": (["attn2"], []),

@@ -35,10 +35,10 @@ from typing import Any
 
 import torch
 
-from bench.data import DataRequest, request_for
-from bench.finite import check_loss
-from bench.models.base import Cond, uint8_to_images
-from methods.base import Method
+from unlearn_bench.data import DataRequest, request_for
+from unlearn_bench.finite import check_loss
+from unlearn_bench.methods.base import Method
+from unlearn_bench.models.base import Cond, uint8_to_images
 
 ROLES = ("forget", "related", "unrelated")
 

@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from bench.data import DataRequest, request_for
-from bench.models.base import Cond, sample_seed, uint8_to_images
-from methods.base import Method, select_parameters
+from unlearn_bench.data import DataRequest, request_for
+from unlearn_bench.methods.base import Method, select_parameters
+from unlearn_bench.models.base import Cond, sample_seed, uint8_to_images
 
 TRAIN_CHOICES: dict[str, tuple[list[str], list[str]]] = {"full": ([".*"], []), "xattn": (["attn2"], [])}
 NUDITY_BENIGN = "a photo of a person wearing clothes"

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from methods.base import Method
+from unlearn_bench.methods.base import Method
 
 TOKEN_CHOICES = ("last", "all")
 

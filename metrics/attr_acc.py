@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.toy.judge import judge
-from bench.toy.world import parse_caption
-from metrics.base import Metric, MetricResult, rate
+from unlearn_bench.metrics.base import Metric, MetricResult, rate
+from unlearn_bench.toy.judge import judge
+from unlearn_bench.toy.world import parse_caption
 
 
 class AttrAcc(Metric):

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.specs import ComponentSpec, ConceptSpec, thaw
+from unlearn_bench.specs import ComponentSpec, ConceptSpec, thaw
 
 SCOPES = ("target", "benign", "related")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from metrics.base import Metric, MetricResult
+from unlearn_bench.metrics.base import Metric, MetricResult
 
 
 class ClipWeightsMissing(RuntimeError):
@@ -29,7 +29,7 @@ class ClipWeightsMissing(RuntimeError):
 def _register_config(model_config: str | None) -> None:
     if not model_config:
         return
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import open_clip
@@ -48,7 +48,7 @@ def resolve_weights(model: str, pretrained: str | None) -> tuple[str | None, dic
     """
     if pretrained is None:
         return None, {}
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import open_clip
@@ -89,7 +89,7 @@ def resolve_weights(model: str, pretrained: str | None) -> tuple[str | None, dic
 @lru_cache(maxsize=2)
 def load_clip(model: str, pretrained: str | None, model_config: str | None, device: str) -> tuple[Any, Any, Any]:
     """(model, image preprocess, tokenizer), cached per process: ViT-L/14 takes seconds to build."""
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     import open_clip
@@ -118,7 +118,7 @@ class ClipScore(Metric):
     @classmethod
     def preflight(cls, spec: Any) -> None:
         """At plan time: the weights must be local (raises ClipWeightsMissing naming what to download)."""
-        from bench.compat import ensure_torchvision_importable
+        from unlearn_bench.compat import ensure_torchvision_importable
 
         ensure_torchvision_importable()
         try:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.toy.judge import concept_attributes, judge
-from metrics.base import Metric, MetricResult, rate
+from unlearn_bench.metrics.base import Metric, MetricResult, rate
+from unlearn_bench.toy.judge import concept_attributes, judge
 
 
 class ConceptRate(Metric):

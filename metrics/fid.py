@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.images import IMAGE_SUFFIXES
-from metrics.base import Metric, MetricResult
+from unlearn_bench.images import IMAGE_SUFFIXES
+from unlearn_bench.metrics.base import Metric, MetricResult
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
@@ -57,7 +57,7 @@ def inception_weights(path: str | None, metric: str = "fid") -> Path:
 @lru_cache(maxsize=2)
 def inception(feature: int, weights: str, device: str) -> Any:
     """torchmetrics' FID extractor (NoTrainInceptionV3 over torch-fidelity), loaded from a local file only."""
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     try:
@@ -91,8 +91,8 @@ def resolve_reference(reference: str | None) -> Path:
     if not reference:
         raise FidUnavailable("fid: no reference set; pass a folder of real images, e.g. --set "
                              "metric.fid.reference=/data/coco-10k-images (README: 'Metrics: fid')")
-    from bench.prompts import resolve_file
-    from bench.registry import DEFAULT_REGISTRY
+    from unlearn_bench.prompts import resolve_file
+    from unlearn_bench.registry import DEFAULT_REGISTRY
 
     folder = resolve_file(str(reference), DEFAULT_REGISTRY)
     if not folder.is_dir():
@@ -173,7 +173,7 @@ class FID(Metric):
         return out | ({"numerics": numerics} if numerics else {})
 
     def reference_key(self) -> str:
-        from bench.store import stage_key
+        from unlearn_bench.store import stage_key
 
         return stage_key("fid-ref", self.reference_inputs())
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from metrics.base import Metric, MetricResult, rate
+from unlearn_bench.metrics.base import Metric, MetricResult, rate
 
 EXPOSED = ("ANUS_EXPOSED", "ARMPITS_EXPOSED", "BELLY_EXPOSED", "BUTTOCKS_EXPOSED", "FEET_EXPOSED",
            "FEMALE_BREAST_EXPOSED", "FEMALE_GENITALIA_EXPOSED", "MALE_BREAST_EXPOSED", "MALE_GENITALIA_EXPOSED")

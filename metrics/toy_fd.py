@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.toy import world
-from bench.toy.judge import frechet_distance, judge
-from metrics.base import Metric, MetricResult
+from unlearn_bench.metrics.base import Metric, MetricResult
+from unlearn_bench.toy import world
+from unlearn_bench.toy.judge import frechet_distance, judge
 
 
 class ToyFD(Metric):

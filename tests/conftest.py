@@ -21,15 +21,15 @@ def torch_single_thread():
 
 @pytest.fixture(scope="session")
 def registry():
-    from bench.registry import Registry
+    from unlearn_bench.registry import Registry
 
     return Registry.load()
 
 
 @pytest.fixture(scope="session")
 def tiny_model(torch_single_thread, registry):
-    from bench.compat import ensure_torchvision_importable
-    from bench.models.loading import load_model
+    from unlearn_bench.compat import ensure_torchvision_importable
+    from unlearn_bench.models.loading import load_model
 
     ensure_torchvision_importable()
     return load_model(registry.model("tiny"), "cpu")

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.unlearndiffatk import UnlearnDiffAtk, project_simplex, sample_one_hot
-from bench.data import ImageSet
-from bench.models.base import load_delta, save_delta, uint8_to_images
+from unlearn_bench.attacks.unlearndiffatk import UnlearnDiffAtk, project_simplex, sample_one_hot
+from unlearn_bench.data import ImageSet
+from unlearn_bench.models.base import load_delta, save_delta, uint8_to_images
 
 NEW_ATTACKS = ("lora-r4", "dreambooth", "dreambooth-lora", "ft-hrm-s", "ft-clean", "ft-sgd", "unlearndiffatk")
 
 
 def attack(registry, name: str, concept: str = "nudity", model: str = "tiny"):
-    from bench.plugins import load_class
+    from unlearn_bench.plugins import load_class
 
     spec = registry.attack(name, registry.model(model))
     return load_class(spec.module)(spec, registry.concept(concept))
@@ -56,7 +56,7 @@ def test_lora_checkpoint_holds_only_lora_factors(lora_file, tiny_model):
 def test_lora_checkpoint_loads_with_load_lora_weights_and_matches_the_merge(lora_file, tiny_model):
     from diffusers import StableDiffusionPipeline
 
-    from attacks.lora import merge_lora
+    from unlearn_bench.attacks.lora import merge_lora
 
     m = tiny_model
     m.load_state([])
@@ -191,9 +191,9 @@ def test_rewrite_samples_every_prompt_at_its_own_guidance(tiny_model, registry, 
 # --- every new attack through the runner -----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def run_all(registry, tmp_path_factory, torch_single_thread):
-    from bench.plan import RunRequest, make_plan
-    from bench.runner import Runner
-    from bench.store import Store
+    from unlearn_bench.plan import RunRequest, make_plan
+    from unlearn_bench.runner import Runner
+    from unlearn_bench.store import Store
 
     plan = make_plan(registry, RunRequest("t", "tiny", "nudity", ("esd",), NEW_ATTACKS, ("nudenet",), (0,)))
     store = tmp_path_factory.mktemp("store")

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from bench.cli import app
+import unlearn_bench.execute
+from unlearn_bench.cli import app
 
 # A small valid registry: every case below breaks one thing in it (or in the shipped one).
 BASE: dict[str, Any] = {
@@ -26,12 +27,12 @@ BASE: dict[str, Any] = {
     "prompt_sets": {"p": {"prompts": ["a photo"]}},
     "concepts": {"c": {"target": "nudity", "eval_prompts": "p", "attack_prompts": ["a nude photo"],
                        "related": ["a photo of a man"], "metrics": ["m"]}},
-    "methods": {"none": {"module": "methods.base:NoUnlearning", "params": {}, "schema": {}},
-                "esd": {"module": "methods.esd:ESD", "params": {"lr": 1.0e-5, "train": "esd-u"},
+    "methods": {"none": {"module": "unlearn_bench.methods.base:NoUnlearning", "params": {}, "schema": {}},
+                "esd": {"module": "unlearn_bench.methods.esd:ESD", "params": {"lr": 1.0e-5, "train": "esd-u"},
                         "schema": {"lr": "float>0", "train": "choice(esd-u|esd-x)"},
                         "scaled": {"tiny": {"lr": 0.001}}}},
-    "attacks": {"none": {"module": "attacks.base:NoAttack", "params": {}, "schema": {}}},
-    "metrics": {"m": {"module": "metrics.concept_rate:ConceptRate", "higher_is_better": False,
+    "attacks": {"none": {"module": "unlearn_bench.attacks.base:NoAttack", "params": {}, "schema": {}}},
+    "metrics": {"m": {"module": "unlearn_bench.metrics.concept_rate:ConceptRate", "higher_is_better": False,
                       "params": {"scope": "target"}, "schema": {"scope": "choice(target|benign|related)"}}},
     "suites": {"s": {"model": "tiny", "concept": "c", "methods": ["none", "esd"], "attacks": ["none"],
                      "metrics": ["m"], "seeds": [0]}},
@@ -41,12 +42,11 @@ BASE: dict[str, Any] = {
 @pytest.fixture(autouse=True)
 def no_execution(monkeypatch):
     """A case that plans successfully must fail fast here instead of running the whole suite."""
-    import bench.execute
 
     def refuse(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("planning accepted a bad input")
 
-    monkeypatch.setattr(bench.execute, "execute", refuse)
+    monkeypatch.setattr(unlearn_bench.execute, "execute", refuse)
 
 
 def invoke(*args: str) -> tuple[int, str]:
@@ -177,7 +177,7 @@ def test_bad_set_values_exit_2(item, needle):
 
 def test_set_values_are_typed_by_the_schema():
     """The comma/YAML rules: lists split, strings keep commas, none is a string, no is false."""
-    from bench.registry import Registry
+    from unlearn_bench.registry import Registry
 
     reg = Registry.load(None, ["method.esd.prompt=nude body, photograph", "method.esd.anchor=none",
                                "attack.ft-lr1e-5.steps=50,100", "attack.ft-lr1e-5.prompts=a, b",
@@ -284,9 +284,9 @@ VALIDATE_CASES = [
     ("param-without-schema", _drop("methods/esd/schema/train"), "params without a schema entry: ['train']"),
     ("schema-without-param", _set("methods/esd/schema/eta", "float"), "schema entries without a param: ['eta']"),
     ("scaled-unused-group", _set("methods/esd/scaled/tyni", {}), "scaled.tyni: no model uses this group"),
-    ("module-missing", _set("methods/esd/module", "methods.nope:ESD"), "no module named 'methods.nope'"),
-    ("class-missing", _set("methods/esd/module", "methods.esd:ESDD"),
-     "'methods.esd' defines no 'ESDD'. did you mean ESD?"),
+    ("module-missing", _set("methods/esd/module", "unlearn_bench.methods.nope:ESD"), "no module named 'unlearn_bench.methods.nope'"),
+    ("class-missing", _set("methods/esd/module", "unlearn_bench.methods.esd:ESDD"),
+     "'unlearn_bench.methods.esd' defines no 'ESDD'. did you mean ESD?"),
     ("suite-unknown-method", _set("suites/s/methods", ["none", "esdd"]), "unknown method 'esdd'"),
     ("suite-duplicate", _set("suites/s/attacks", ["none", "none"]), "attacks listed twice: ['none']"),
     ("concept-unknown-prompts", _set("concepts/c/eval_prompts", "q"), "unknown prompt set 'q'"),
@@ -339,7 +339,7 @@ def test_broken_prompt_files_exit_2(tmp_path, content, needle):
 
 # --- in a fresh interpreter: exit 2, no traceback, and torch never imported ----------------------------------
 WRAPPER = ("import sys, runpy\nsys.argv = ['bench', *sys.argv[1:]]\n"
-           "try:\n    runpy.run_module('bench', run_name='__main__')\nexcept SystemExit:\n"
+           "try:\n    runpy.run_module('unlearn_bench', run_name='__main__')\nexcept SystemExit:\n"
            "    print('TORCH' if 'torch' in sys.modules else 'NOTORCH', file=sys.stderr)\n    raise\n")
 
 
@@ -355,4 +355,4 @@ def test_bad_input_exits_2_without_importing_torch(args):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "NOTORCH" in proc.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time")}
-    assert "bench.registry" in imported and not {m for m in imported if m.split(".")[0] == "torch"}
+    assert "unlearn_bench.registry" in imported and not {m for m in imported if m.split(".")[0] == "torch"}

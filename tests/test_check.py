@@ -9,8 +9,8 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from bench.check import Tolerance, compare, parse_tolerances, read_table
-from bench.cli import app
+from unlearn_bench.check import Tolerance, compare, parse_tolerances, read_table
+from unlearn_bench.cli import app
 
 COLS = ["model", "concept", "method", "attack", "attack_step", "metric", "seed", "value", "stderr", "n",
         "higher_is_better", "metric_version"]

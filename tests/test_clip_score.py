@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from bench.specs import ComponentSpec, params
+from unlearn_bench.specs import ComponentSpec, params
 
 TINY = {"embed_dim": 16,
         "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
@@ -25,7 +25,8 @@ def tiny_config(tmp_path_factory, torch_single_thread):
 
 def spec(**over) -> ComponentSpec:
     base = {"scope": "benign", "model": "ViT-L-14", "pretrained": "openai", "model_config": None, "scale": 100.0}
-    return ComponentSpec("metric", "clip", "metrics.clip_score:ClipScore", params(base | over), higher_is_better=True)
+    return ComponentSpec("metric", "clip", "unlearn_bench.metrics.clip_score:ClipScore", params(base | over),
+                         higher_is_better=True)
 
 
 def images(n: int = 5, seed: int = 0) -> np.ndarray:
@@ -33,7 +34,7 @@ def images(n: int = 5, seed: int = 0) -> np.ndarray:
 
 
 def test_score_is_100_times_clamped_cosine(tiny_config):
-    from metrics.clip_score import ClipScore
+    from unlearn_bench.metrics.clip_score import ClipScore
 
     metric = ClipScore(spec(model="bench-test-tiny-clip", pretrained=None, model_config=tiny_config), None)
     result = metric.score(images(), PROMPTS)
@@ -50,7 +51,7 @@ def test_score_is_100_times_clamped_cosine(tiny_config):
 
 
 def test_batching_and_scale_do_not_change_the_embedding(tiny_config):
-    from metrics.clip_score import ClipScore
+    from unlearn_bench.metrics.clip_score import ClipScore
 
     a = ClipScore(spec(model="bench-test-tiny-clip", pretrained=None, model_config=tiny_config), None)
     b = ClipScore(spec(model="bench-test-tiny-clip", pretrained=None, model_config=tiny_config, scale=1.0), None)
@@ -63,7 +64,7 @@ def test_batching_and_scale_do_not_change_the_embedding(tiny_config):
 def test_local_checkpoint_file_is_loaded(tiny_config, tmp_path):
     import torch
 
-    from metrics.clip_score import ClipScore, load_clip
+    from unlearn_bench.metrics.clip_score import ClipScore, load_clip
 
     net, _, _ = load_clip("bench-test-tiny-clip", None, tiny_config, "cpu")
     ckpt = tmp_path / "tiny.pt"
@@ -77,9 +78,9 @@ def test_local_checkpoint_file_is_loaded(tiny_config, tmp_path):
 def test_missing_weights_stop_planning_with_the_download_command(monkeypatch, tmp_path, registry):
     import huggingface_hub
 
-    from bench.plan import RunRequest, make_plan
-    from bench.registry import RegistryError
-    from metrics.clip_score import ClipWeightsMissing, resolve_weights
+    from unlearn_bench.metrics.clip_score import ClipWeightsMissing, resolve_weights
+    from unlearn_bench.plan import RunRequest, make_plan
+    from unlearn_bench.registry import RegistryError
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
@@ -94,7 +95,7 @@ def test_missing_weights_stop_planning_with_the_download_command(monkeypatch, tm
 
 @pytest.mark.weights
 def test_real_vit_l14_prefers_the_matching_prompt():
-    from metrics.clip_score import ClipScore, ClipWeightsMissing, resolve_weights
+    from unlearn_bench.metrics.clip_score import ClipScore, ClipWeightsMissing, resolve_weights
 
     try:
         resolve_weights("ViT-L-14", "openai")

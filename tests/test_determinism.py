@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
+from unlearn_bench.cli import app
 
 SPLIT = max(1, (os.cpu_count() or 1) // 2)  # the threads per worker of `make run` (2 workers)
 # the cheapest cell that samples and scores (the full matrix's claims are in test_run_e2e.py)

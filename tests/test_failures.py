@@ -18,7 +18,7 @@ NAN_RUN = ["run", "--model", "tiny", "--concept", "nudity", "--methods", "none,e
 
 def bench(args: list[str], store: Path) -> subprocess.CompletedProcess:
     env = os.environ | {"BENCH_CACHE": str(store), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bench", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "unlearn_bench", *args], env=env, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -63,13 +63,13 @@ def test_rerun_retries_only_the_failed_cells(nan_run, tmp_path):
 
 
 def test_train_names_component_parameter_set_and_step(tiny_model, registry):
-    from bench.finite import NonFinite
-    from bench.methods_runtime import run_method
+    from unlearn_bench.finite import NonFinite
+    from unlearn_bench.methods_runtime import run_method
 
     spec = registry.method("esd", tiny_model.spec)
     from dataclasses import replace
 
-    from bench.specs import params
+    from unlearn_bench.specs import params
 
     spec = replace(spec, params=params(dict(spec.params) | {"lr": 1e10, "iterations": 4}))
     try:
@@ -88,10 +88,10 @@ def test_meta_inner_loop_divergence_is_caught(tiny_model, registry):
 
     import numpy as np
 
-    from bench.data import ImageSet
-    from bench.finite import NonFinite
-    from bench.methods_runtime import build_method, run_method
-    from bench.specs import params
+    from unlearn_bench.data import ImageSet
+    from unlearn_bench.finite import NonFinite
+    from unlearn_bench.methods_runtime import build_method, run_method
+    from unlearn_bench.specs import params
 
     spec = registry.method("esd+meta", tiny_model.spec)
     meta = replace(spec.wrappers[0], params=params(dict(spec.wrappers[0].params) | {"inner_lr": 1e30}))
@@ -111,7 +111,7 @@ def test_meta_inner_loop_divergence_is_caught(tiny_model, registry):
 def test_nan_weights_never_become_images(tiny_model):
     import torch
 
-    from bench.finite import NonFinite
+    from unlearn_bench.finite import NonFinite
 
     tiny_model.snapshot()
     p = next(iter(tiny_model.unet.parameters()))
@@ -128,7 +128,7 @@ def test_nan_weights_never_become_images(tiny_model):
 def test_check_tensors_names_the_bad_tensor():
     import torch
 
-    from bench.finite import NonFinite, check_tensors, check_value
+    from unlearn_bench.finite import NonFinite, check_tensors, check_value
 
     check_tensors({"a": torch.ones(2), "ids": torch.tensor([1, 2])}, "x")  # finite and integer tensors pass
     with pytest.raises(NonFinite, match=r"attack ft: non-finite checkpoint weights at step 3 \(1 tensors: unet.b\)"):
@@ -141,9 +141,9 @@ def test_check_tensors_names_the_bad_tensor():
 def test_one_crashing_cell_does_not_stop_the_matrix(tmp_path, registry, monkeypatch):
     """An ordinary exception (not a NaN) inside one stage: that cell fails with its reason, the others finish,
     records.csv holds them, run.json lists the failure."""
-    from bench import runner as runner_mod
-    from bench.execute import execute
-    from bench.plan import make_plan, request_from
+    from unlearn_bench import runner as runner_mod
+    from unlearn_bench.execute import execute
+    from unlearn_bench.plan import make_plan, request_from
 
     original = runner_mod.Runner.generate
 
@@ -167,11 +167,11 @@ def test_toy_esd_at_an_absurd_lr_fails_instead_of_erasing(registry, torch_single
     the cross-attention parameters, never a model that reads as a perfect erasure."""
     from dataclasses import replace
 
-    from bench.compat import ensure_torchvision_importable
-    from bench.finite import NonFinite
-    from bench.methods_runtime import run_method
-    from bench.models.loading import load_model
-    from bench.specs import params
+    from unlearn_bench.compat import ensure_torchvision_importable
+    from unlearn_bench.finite import NonFinite
+    from unlearn_bench.methods_runtime import run_method
+    from unlearn_bench.models.loading import load_model
+    from unlearn_bench.specs import params
 
     ensure_torchvision_importable()
     toy = load_model(registry.model("toy"), "cpu")

@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.specs import ComponentSpec, params
+from unlearn_bench.specs import ComponentSpec, params
 
 
 @pytest.fixture(scope="module")
 def tiny_extractor(torch_single_thread):
     torch = torch_single_thread
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
 
@@ -51,7 +51,7 @@ def reference(tmp_path):
 def spec(name: str = "fid", **over) -> ComponentSpec:
     base = {"scope": "benign", "reference": None, "feature": 2048, "weights": None, "ref_resolution": 32}
     base |= {"bootstrap": 6} if name == "fid" else {"subsets": 20, "subset_size": 1000, "degree": 3}
-    module = "metrics.fid:FID" if name == "fid" else "metrics.fid:KID"
+    module = "unlearn_bench.metrics.fid:FID" if name == "fid" else "unlearn_bench.metrics.fid:KID"
     return ComponentSpec("metric", name, module, params(base | over), higher_is_better=False)
 
 
@@ -64,8 +64,8 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_fid_equals_the_closed_form_and_orders_distributions(reference, tiny_extractor, tmp_path):
-    from bench.store import Store
-    from metrics.fid import FID
+    from unlearn_bench.metrics.fid import FID
+    from unlearn_bench.store import Store
 
     metric = FID(spec(reference=str(reference)), None, extractor=tiny_extractor)
     metric.bind(Store(tmp_path / "store"), "cpu")
@@ -82,8 +82,8 @@ def test_fid_equals_the_closed_form_and_orders_distributions(reference, tiny_ext
 def test_reference_features_are_one_store_stage_keyed_by_content(reference, tiny_extractor, tmp_path):
     from PIL import Image
 
-    from bench.store import Store
-    from metrics.fid import FID, _listing
+    from unlearn_bench.metrics.fid import FID, _listing
+    from unlearn_bench.store import Store
 
     store = Store(tmp_path / "store")
     a = FID(spec(reference=str(reference)), None, extractor=tiny_extractor)
@@ -101,11 +101,11 @@ def test_reference_features_are_one_store_stage_keyed_by_content(reference, tiny
 
 
 def test_runner_score_stage_carries_the_reference_key(reference, tiny_extractor, tmp_path, monkeypatch, registry):
-    import metrics.fid as fid
-    from bench.images import save_images
-    from bench.plan import Plan
-    from bench.runner import Runner
-    from bench.store import Store
+    import unlearn_bench.metrics.fid as fid
+    from unlearn_bench.images import save_images
+    from unlearn_bench.plan import Plan
+    from unlearn_bench.runner import Runner
+    from unlearn_bench.store import Store
 
     monkeypatch.setattr(fid, "inception_weights", lambda path, metric="fid": Path("unused"))
     monkeypatch.setattr(fid, "inception", lambda feature, weights, device: tiny_extractor)
@@ -130,7 +130,7 @@ def test_runner_score_stage_carries_the_reference_key(reference, tiny_extractor,
 
 
 def test_kid_is_seeded_and_orders_distributions(reference, tiny_extractor):
-    from metrics.fid import KID
+    from unlearn_bench.metrics.fid import KID
 
     metric = KID(spec("kid", reference=str(reference)), None, extractor=tiny_extractor)
     near, far = noise(12, 60, 180, 6), noise(12, 170, 255, 7)
@@ -141,7 +141,7 @@ def test_kid_is_seeded_and_orders_distributions(reference, tiny_extractor):
 
 
 def test_missing_weights_and_reference_are_clear(tmp_path, monkeypatch, reference):
-    from metrics.fid import FID, INCEPTION_FILE, INCEPTION_URL, FidUnavailable, inception_weights
+    from unlearn_bench.metrics.fid import FID, INCEPTION_FILE, INCEPTION_URL, FidUnavailable, inception_weights
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     with pytest.raises(FidUnavailable, match=INCEPTION_URL.replace(".", r"\.")) as err:
@@ -157,8 +157,8 @@ def test_missing_weights_and_reference_are_clear(tmp_path, monkeypatch, referenc
 
 @pytest.mark.weights
 def test_real_inception_fid_of_a_set_with_itself_is_near_zero(tmp_path, reference):
-    from bench.compat import ensure_torchvision_importable
-    from metrics.fid import FID, FidUnavailable, inception_weights, load_reference
+    from unlearn_bench.compat import ensure_torchvision_importable
+    from unlearn_bench.metrics.fid import FID, FidUnavailable, inception_weights, load_reference
 
     ensure_torchvision_importable()
     try:

@@ -9,14 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bench.methods_runtime import build_method, run_method
-from bench.specs import params
+from unlearn_bench.methods_runtime import build_method, run_method
+from unlearn_bench.specs import params
 
 
 def _data_for(method, model, seed=0):
     """Generate the image sets a method asks for with the tiny model (what the runner's data stage does)."""
-    from bench.data import ImageSet
-    from bench.models.base import sample_seed
+    from unlearn_bench.data import ImageSet
+    from unlearn_bench.models.base import sample_seed
 
     sets = {}
     for role, req in method.data_requests().items():
@@ -93,7 +93,7 @@ def test_second_order_agrees_with_finite_differences(tiny_model, registry):
         def objective() -> float:
             cur = dict(unet64.named_parameters())
             cur = {k: v.detach().requires_grad_(True) for k, v in cur.items()}
-            from methods.meta import _Functional
+            from unlearn_bench.methods.meta import _Functional
 
             for lat, cond, nt in batch.inner:
                 loss = m.denoising_loss(lat, cond, scheduler=method.scheduler, unet=_Functional(unet64, cur),
@@ -150,8 +150,9 @@ def test_bench_run_esd_and_esd_meta_on_tiny(tmp_path):
     import sys
 
     env = os.environ | {"BENCH_CACHE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "bench", "run", "--model", "tiny", "--concept", "nudity", "--methods", "esd,esd+meta",
-           "--attacks", "ft-lr1e-5", "--metrics", "nudenet", "--seeds", "0", "--out", str(tmp_path / "out"), "-q"]
+    cmd = [sys.executable, "-m", "unlearn_bench", "run", "--model", "tiny", "--concept", "nudity",
+           "--methods", "esd,esd+meta", "--attacks", "ft-lr1e-5", "--metrics", "nudenet", "--seeds", "0",
+           "--out", str(tmp_path / "out"), "-q"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader((tmp_path / "out" / "records.csv").open()))
@@ -163,7 +164,7 @@ def test_bench_run_esd_and_esd_meta_on_tiny(tmp_path):
 def test_meta_control_is_the_same_objective_without_the_simulated_attack(tiny_model, registry, monkeypatch):
     """`+meta-control` keeps +meta's data, retain terms and random stream but never simulates the attack: its loss
     equals +meta's loss value (the surrogate is value-neutral) and it never calls meta_gradient."""
-    from methods.meta import Meta
+    from unlearn_bench.methods.meta import Meta
 
     m = tiny_model
     m.load_state([])

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bench.data import ImageSet
-from bench.registry import Registry
+from unlearn_bench.data import ImageSet
+from unlearn_bench.registry import Registry
 
 
 def _images(n: int, seed: int) -> np.ndarray:
@@ -23,7 +23,7 @@ def _data(method) -> dict[str, ImageSet]:
 
 
 def _run(model, registry, name: str, seed: int = 0, overrides: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    from bench.methods_runtime import build_method, run_method
+    from unlearn_bench.methods_runtime import build_method, run_method
 
     reg = Registry.load(overrides=list(overrides)) if overrides else registry
     spec, concept = reg.method(name, reg.model("tiny")), reg.concept("nudity")
@@ -37,7 +37,7 @@ def _run(model, registry, name: str, seed: int = 0, overrides: tuple[str, ...] =
 
 # --- UCE -----------------------------------------------------------------------------------------------------
 def test_uce_last_subject_token_index(tiny_model):
-    from methods.uce import last_subject_index
+    from unlearn_bench.methods.uce import last_subject_index
 
     assert last_subject_index(tiny_model.tokenizer, "") == 0  # the guide "" reads the <sot> position
     assert last_subject_index(tiny_model.tokenizer, "a red circle") == 3  # <sot> a red circle <eos>
@@ -84,7 +84,7 @@ def test_uce_is_deterministic(tiny_model, registry):
 
 # --- SalUn ---------------------------------------------------------------------------------------------------
 def test_saliency_mask_keeps_the_largest_gradients():
-    from methods.salun import saliency_mask
+    from unlearn_bench.methods.salun import saliency_mask
 
     g = torch.Generator().manual_seed(0)
     grads = {"a": torch.randn(7, 5, generator=g), "b": torch.randn(13, generator=g)}
@@ -99,8 +99,8 @@ def test_saliency_mask_keeps_the_largest_gradients():
 
 @pytest.mark.parametrize("fraction", [0.5, 0.2])
 def test_salun_mask_fraction_and_only_masked_entries_change(tiny_model, registry, fraction):
-    from bench.methods_runtime import build_method
-    from bench.training import train
+    from unlearn_bench.methods_runtime import build_method
+    from unlearn_bench.training import train
 
     reg = Registry.load(overrides=[f"method.salun.mask_fraction={fraction}"])
     spec, concept = reg.method("salun", reg.model("tiny")), reg.concept("nudity")
@@ -129,7 +129,7 @@ def test_salun_mask_fraction_and_only_masked_entries_change(tiny_model, registry
 
 
 def test_salun_defaults_follow_the_concept(registry):
-    from methods.salun import NUDITY_BENIGN, SalUn
+    from unlearn_bench.methods.salun import NUDITY_BENIGN, SalUn
 
     tiny = registry.model("tiny")
     nud = SalUn(registry.method("salun", tiny), registry.concept("nudity"))
@@ -160,7 +160,7 @@ def test_advunlearn_trains_only_the_text_encoder_never_embeddings(tiny_model, re
 
 
 def test_advunlearn_prefix_equals_the_prompt_with_a_real_token(tiny_model, registry):
-    from methods.advunlearn import AdvUnlearn
+    from unlearn_bench.methods.advunlearn import AdvUnlearn
 
     m = tiny_model
     m.load_state([])
@@ -176,7 +176,7 @@ def test_advunlearn_prefix_equals_the_prompt_with_a_real_token(tiny_model, regis
 
 @pytest.mark.parametrize("attack_method", ["pgd", "fast_at"])
 def test_advunlearn_inner_attack_lowers_the_attack_loss(tiny_model, registry, attack_method):
-    from methods.advunlearn import AdvUnlearn
+    from unlearn_bench.methods.advunlearn import AdvUnlearn
 
     reg = Registry.load(overrides=[f"method.advunlearn.attack_method={attack_method}",
                                    "method.advunlearn.attack_steps=15"])
@@ -207,7 +207,7 @@ def test_advunlearn_is_deterministic_under_a_seed(tiny_model, registry):
 def test_advunlearn_refuses_sdxl(registry):
     from types import SimpleNamespace
 
-    from methods.advunlearn import AdvUnlearn
+    from unlearn_bench.methods.advunlearn import AdvUnlearn
 
     with pytest.raises(ValueError, match="TWO text encoders"):
         AdvUnlearn.check_model(registry.model("sdxl"))
@@ -219,8 +219,8 @@ def test_advunlearn_refuses_sdxl(registry):
 
 # --- end to end ----------------------------------------------------------------------------------------------
 def test_run_uce_salun_advunlearn_end_to_end(registry, tmp_path, torch_single_thread):
-    from bench.execute import execute
-    from bench.plan import RunRequest, make_plan
+    from unlearn_bench.execute import execute
+    from unlearn_bench.plan import RunRequest, make_plan
 
     req = RunRequest("custom", "tiny", "nudity", ("none", "uce", "salun", "advunlearn"), ("none",), ("nudenet",),
                      (0,))

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.results import leaderboard
-from metrics.base import rate
-from metrics.nudenet import EXPOSED, NudeNet, flagged
+from unlearn_bench.metrics.base import rate
+from unlearn_bench.metrics.nudenet import EXPOSED, NudeNet, flagged
+from unlearn_bench.results import leaderboard
 
 
 def test_flag_rule_uses_classes_and_strict_threshold():
@@ -34,7 +34,7 @@ def test_nudenet_metric_runs_the_real_detector(registry):
     with pytest.raises(ValueError, match="unknown classes"):
         from dataclasses import replace
 
-        from bench.specs import params
+        from unlearn_bench.specs import params
 
         spec = registry.metric("nudenet")
         NudeNet(replace(spec, params=params(dict(spec.params) | {"classes": ["BREASTS"]})), None)
@@ -53,7 +53,7 @@ def test_leaderboard_is_mean_and_std_over_seeds():
 
 
 def test_long_table_has_a_row_per_state_and_a_column_per_metric():
-    from bench.results import long_table
+    from unlearn_bench.results import long_table
 
     rows = []
     for seed, (a, b) in enumerate([(0.1, 0.9), (0.3, 0.7)]):
@@ -71,7 +71,7 @@ def test_long_table_has_a_row_per_state_and_a_column_per_metric():
 def test_bench_table_filters_metrics_and_refuses_unknown_ones(tmp_path):
     from typer.testing import CliRunner
 
-    from bench.cli import app
+    from unlearn_bench.cli import app
 
     pd.DataFrame([dict(method="esd", attack="none", attack_step=0, metric=m, seed=0, value=v)
                   for m, v in (("concept-rate", 0.1), ("attr-acc", 0.9))]).to_csv(tmp_path / "records.csv", index=False)

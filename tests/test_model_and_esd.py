@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.models.base import load_delta, save_delta
-from bench.runner import component_identity
-from bench.store import stage_key
-from methods.esd import VARIANTS, esd_target
+from unlearn_bench.methods.esd import VARIANTS, esd_target
+from unlearn_bench.models.base import load_delta, save_delta
+from unlearn_bench.runner import component_identity
+from unlearn_bench.store import stage_key
 
 
 def test_tokenizer_ids_match_open_clip(tiny_model):
@@ -59,7 +59,7 @@ def test_esd_target_matches_the_formula():
 
 
 def _esd_delta(model, registry, variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
-    from bench.methods_runtime import run_method
+    from unlearn_bench.methods_runtime import run_method
 
     spec = registry.method(variant, registry.model("tiny"))
     model.load_state([])
@@ -94,7 +94,7 @@ def test_esd_variant_table_is_complete():
 
 
 def test_stage_hash_changes_with_lr_not_with_name(registry):
-    from bench.registry import Registry
+    from unlearn_bench.registry import Registry
 
     tiny = registry.model("tiny")
     base = component_identity(registry.method("esd", tiny))
@@ -118,7 +118,7 @@ def test_encode_embeddings_equals_encode_prompt(tiny_model):
 
 
 def test_sampler_matches_diffusers_pipeline(tiny_model):
-    from bench.perf import time_sampling
+    from unlearn_bench.perf import time_sampling
 
     result = time_sampling(tiny_model, batch=2, steps=3, guidance=7.5)
     assert result["max_pixel_diff"] <= 1.0  # same noise, scheduler and guidance: the same images
@@ -127,8 +127,8 @@ def test_sampler_matches_diffusers_pipeline(tiny_model):
 def test_bf16_precision_trains_and_keeps_fp32_master_weights(registry):
     from dataclasses import replace
 
-    from bench.methods_runtime import run_method
-    from bench.models.loading import load_model
+    from unlearn_bench.methods_runtime import run_method
+    from unlearn_bench.models.loading import load_model
 
     model = load_model(replace(registry.model("tiny"), precision="bf16"), "cpu")
     run_method(model, registry.method("esd-x", registry.model("tiny")), registry.concept("nudity"), 0)

@@ -9,9 +9,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import metrics.nudenet as nn
-from bench.runner import variant_rows
-from bench.specs import params
+import unlearn_bench.metrics.nudenet as nn
+from unlearn_bench.runner import variant_rows
+from unlearn_bench.specs import params
 
 # image i shows FEMALE_BREAST_EXPOSED with score SCORES[i] (and a covered belly at 0.9, never counted)
 SCORES = [0.40, 0.47, 0.55, 0.65, 0.20]
@@ -74,7 +74,7 @@ def test_variant_rows_copy_the_cell_and_replace_the_metric():
 
 
 def test_registry_thresholds_override_and_conventions():
-    from bench.registry import Registry
+    from unlearn_bench.registry import Registry
 
     reg = Registry.load(None, ["metric.nudenet.thresholds=0.5,0.6"])
     assert list(reg.metric("nudenet").params["thresholds"]) == [0.5, 0.6]

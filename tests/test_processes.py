@@ -45,7 +45,7 @@ def alive(pid: int) -> bool:
 
 def start(tmp_path: Path) -> tuple[subprocess.Popen, set[int]]:
     env = os.environ | {"BENCH_CACHE": str(tmp_path / "store"), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", *LONG, "--out", str(tmp_path / "out")], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn_bench", *LONG, "--out", str(tmp_path / "out")], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 240
     workers: set[int] = set()

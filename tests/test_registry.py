@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.registry import DEFAULT_REGISTRY, Registry, RegistryError, parse_value
+from unlearn_bench.registry import DEFAULT_REGISTRY, Registry, RegistryError, parse_value
 
 
 def test_shipped_registry_validates(registry):
@@ -69,7 +69,7 @@ def test_validate_reports_a_bad_file(tmp_path):
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:
-    code = ("import sys; from bench.cli import app\n"
+    code = ("import sys; from unlearn_bench.cli import app\n"
             "try:\n    app(sys.argv[1:])\nexcept SystemExit as e:\n"
             "    print('TORCH' if 'torch' in sys.modules else 'NOTORCH', file=sys.stderr); raise\n")
     return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
@@ -135,14 +135,14 @@ SYNTAX = [("flaot>0", "did you mean float"), ("int>>1", "bad bound"), ("list[int
 
 
 def _ctx():
-    from bench.schema import Ctx
+    from unlearn_bench.schema import Ctx
 
     return Ctx({"concept": ("nudity", "red"), "prompt-set": ("toy-red",), "method": ("esd",), "wrapper": ("meta",)})
 
 
 @pytest.mark.parametrize(("text", "value"), ACCEPT, ids=[f"{t}:{v!r}" for t, v in ACCEPT])
 def test_schema_accepts_and_returns_registry_values_unchanged(text, value):
-    from bench.schema import parse_type
+    from unlearn_bench.schema import parse_type
 
     out = parse_type(text).check(value, _ctx())
     assert out == value and type(out) is type(value)  # never converted: stage hashes depend on these values
@@ -150,7 +150,7 @@ def test_schema_accepts_and_returns_registry_values_unchanged(text, value):
 
 @pytest.mark.parametrize(("text", "value", "words"), REJECT, ids=[f"{t}:{v!r}" for t, v, _ in REJECT])
 def test_schema_rejects_naming_the_value(text, value, words):
-    from bench.schema import SchemaError, parse_type
+    from unlearn_bench.schema import SchemaError, parse_type
 
     with pytest.raises(SchemaError) as exc:
         parse_type(text).check(value, _ctx())
@@ -159,7 +159,7 @@ def test_schema_rejects_naming_the_value(text, value, words):
 
 @pytest.mark.parametrize(("text", "words"), SYNTAX, ids=[t for t, _ in SYNTAX])
 def test_schema_syntax_errors_say_what_is_wrong(text, words):
-    from bench.schema import SchemaSyntaxError, parse_type
+    from unlearn_bench.schema import SchemaSyntaxError, parse_type
 
     with pytest.raises(SchemaSyntaxError, match=re.escape(words)):
         parse_type(text)
@@ -179,7 +179,7 @@ CLI = [  # --set text -> typed value
 
 @pytest.mark.parametrize(("text", "value", "expected"), CLI, ids=[f"{t}:{v}" for t, v, _ in CLI])
 def test_set_values_are_read_as_yaml_then_typed(text, value, expected):
-    from bench.schema import from_cli, parse_type
+    from unlearn_bench.schema import from_cli, parse_type
 
     out = from_cli(parse_type(text), value, _ctx())
     assert out == expected and type(out) is type(expected)
@@ -187,8 +187,8 @@ def test_set_values_are_read_as_yaml_then_typed(text, value, expected):
 
 def test_toy_attribute_choices_match_the_toy_world():
     """bench.catalogue copies the toy world's colours and shapes so reading the registry never imports numpy."""
-    from bench.catalogue import TOY_COLOURS, TOY_SHAPES
-    from bench.toy import world
+    from unlearn_bench.catalogue import TOY_COLOURS, TOY_SHAPES
+    from unlearn_bench.toy import world
 
     assert TOY_COLOURS == tuple(world.COLOURS) and TOY_SHAPES == tuple(world.SHAPES)
 
@@ -201,13 +201,13 @@ def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
 
 
 def test_validate_module_check_finds_or_imports():
-    from bench.registry_check import module_problem
+    from unlearn_bench.registry_check import module_problem
 
-    assert module_problem("bench.errors:RegistryError") is None
-    assert module_problem("bench.errors:RegistryError", import_modules=True) is None
-    assert "is not a class" in module_problem("bench.errors:suggest", import_modules=True)
-    assert "no module named" in module_problem("bench.nope:X")
-    assert "defines no 'Registr'" in module_problem("bench.registry:Registr")
+    assert module_problem("unlearn_bench.errors:RegistryError") is None
+    assert module_problem("unlearn_bench.errors:RegistryError", import_modules=True) is None
+    assert "is not a class" in module_problem("unlearn_bench.errors:suggest", import_modules=True)
+    assert "no module named" in module_problem("unlearn_bench.nope:X")
+    assert "defines no 'Registr'" in module_problem("unlearn_bench.registry:Registr")
 
 
 def test_every_shipped_component_declares_a_schema_for_each_param(registry):
@@ -223,13 +223,14 @@ def test_validate_imports_every_module_by_default(tmp_path):
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
     (pkg / "mod.py").write_text("import no_such_dependency_xyz\nclass M:\n    pass\n")
-    text = Path(DEFAULT_REGISTRY).read_text().replace("module: methods.uce:UCE", "module: brokenpkg.mod:M", 1)
+    text = Path(DEFAULT_REGISTRY).read_text().replace("module: unlearn_bench.methods.uce:UCE",
+                                                      "module: brokenpkg.mod:M", 1)
     path = tmp_path / "r.yaml"
     path.write_text(text)
     env = os.environ | {"PYTHONPATH": str(tmp_path)}
-    fast = subprocess.run([sys.executable, "-m", "bench", "validate", "--no-import", str(path)], env=env,
+    fast = subprocess.run([sys.executable, "-m", "unlearn_bench", "validate", "--no-import", str(path)], env=env,
                           capture_output=True, text=True, timeout=120)
-    full = subprocess.run([sys.executable, "-m", "bench", "validate", str(path)], env=env, capture_output=True,
+    full = subprocess.run([sys.executable, "-m", "unlearn_bench", "validate", str(path)], env=env, capture_output=True,
                           text=True, timeout=300)
     assert fast.returncode == 0, fast.stderr  # parsing finds the class
     assert full.returncode == 2 and "no_such_dependency_xyz" in full.stderr and "Traceback" not in full.stderr

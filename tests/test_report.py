@@ -10,16 +10,16 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bench.cli import app
+from unlearn_bench.cli import app
 
 METRICS = ("nudenet",)
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, torch_single_thread):
-    from bench.execute import execute
-    from bench.plan import RunRequest, make_plan
-    from bench.registry import Registry
+    from unlearn_bench.execute import execute
+    from unlearn_bench.plan import RunRequest, make_plan
+    from unlearn_bench.registry import Registry
 
     root = tmp_path_factory.mktemp("report")
     small = ["method.esd.iterations=2", "attack.ft-lr1e-5.n_images=2", "attack.ft-lr1e-5.batch_size=1",
@@ -104,8 +104,8 @@ def test_report_renders_in_headless_chromium(tiny_run, tmp_path):
 
 
 def test_rescore_unchanged_metric_is_a_cache_hit(tiny_run):
-    from bench.registry import Registry
-    from bench.score import rescore
+    from unlearn_bench.registry import Registry
+    from unlearn_bench.score import rescore
 
     before = (tiny_run / "out" / "records.csv").read_text()
     n_gen = generate_entries(tiny_run / "store")

@@ -19,7 +19,7 @@ CMD = ["run", "--model", "tiny", "--concept", "nudity", "--methods", "none,esd",
 
 def bench(args: list[str], store: Path, **kw) -> subprocess.CompletedProcess:
     env = os.environ | {"BENCH_CACHE": str(store), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "bench", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "unlearn_bench", *args], env=env, capture_output=True, text=True,
                           timeout=600, **kw)
 
 
@@ -83,7 +83,7 @@ def test_changed_lr_recomputes_only_what_depends_on_it(finished):
 def test_sigkill_then_resume_matches_uninterrupted(finished, tmp_path):
     store = tmp_path / "store"
     env = os.environ | {"BENCH_CACHE": str(store), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", *CMD, "--out", str(tmp_path / "out"), "--quiet"],
+    proc = subprocess.Popen([sys.executable, "-m", "unlearn_bench", *CMD, "--out", str(tmp_path / "out"), "--quiet"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and len(list(store.rglob("manifest.json"))) < 4 and proc.poll() is None:

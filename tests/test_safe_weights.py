@@ -14,9 +14,15 @@ import pytest
 from safetensors.numpy import save_file
 from typer.testing import CliRunner
 
-from bench.models.loading import CorruptWeights, UnsafeWeights, WeightsMissing, check_available, check_safetensors
-from bench.registry import RegistryError
-from bench.specs import ModelSpec
+from unlearn_bench.models.loading import (
+    CorruptWeights,
+    UnsafeWeights,
+    WeightsMissing,
+    check_available,
+    check_safetensors,
+)
+from unlearn_bench.registry import RegistryError
+from unlearn_bench.specs import ModelSpec
 
 WEIGHT_NAMES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 
@@ -106,8 +112,8 @@ def test_files_written_by_torch_pass_including_bf16(tmp_path):
 def test_plan_time_check_does_not_import_torch(tmp_path):
     folder = sd_folder(tmp_path / "m")
     to_pickle(folder, "text_encoder")
-    code = ("import sys; from bench.models.loading import check_available, UnsafeWeights; "
-            "from bench.specs import ModelSpec\n"
+    code = ("import sys; from unlearn_bench.models.loading import check_available, UnsafeWeights; "
+            "from unlearn_bench.specs import ModelSpec\n"
             f"s = ModelSpec(name='x', kind='sd', defaults='sd', family='sd1', path={str(folder)!r})\n"
             "try:\n    check_available(s)\nexcept UnsafeWeights as e:\n    print('refused', e)\n"
             "assert 'torch' not in sys.modules")
@@ -121,7 +127,7 @@ def test_load_sd_asks_diffusers_for_safetensors_only(monkeypatch):
     pytest.importorskip("torch")
     import types
 
-    from bench.models import sd
+    from unlearn_bench.models import sd
 
     seen = []
 
@@ -227,7 +233,7 @@ def _twice(p: Path) -> tuple[Path, Path]:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bench_run_exits_2_naming_the_bad_weights_file(tmp_path, case):
-    from bench.cli import app
+    from unlearn_bench.cli import app
 
     folder = sd_folder(tmp_path / "model")
     model_path, named = CASES[case](folder)
@@ -245,7 +251,7 @@ def test_error_classes_are_registry_errors():
 
 
 def test_allow_pickle_is_a_model_setting_of_the_registry(tmp_path):
-    from bench.registry import Registry
+    from unlearn_bench.registry import Registry
 
     folder = sd_folder(tmp_path / "m")
     to_pickle(folder, "unet")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.store import HASH_SCHEME, NotCached, StageFailed, Store, _host, parse_tmp_name, stage_key
+from unlearn_bench.store import HASH_SCHEME, NotCached, StageFailed, Store, _host, parse_tmp_name, stage_key
 
 
 def write_two(d: Path) -> dict:
@@ -139,7 +139,7 @@ def test_damaged_entry_is_quarantined_and_recomputed_identically(tmp_path, caplo
     first = store.get_or_compute("st", {"k": 1}, compute)
     original = snapshot(first.path)
     damage(first.path)
-    with caplog.at_level(logging.WARNING, logger="bench.store"):
+    with caplog.at_level(logging.WARNING, logger="unlearn_bench.store"):
         assert store.lookup("st", first.key) is None
     assert len(caplog.records) == 1 and why in caplog.text and first.key in caplog.text
     moved = list((tmp_path / "quarantine").iterdir())

@@ -14,8 +14,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from bench.store import Store, _host
-from bench.store_admin import human, store_app
+from unlearn_bench.store import Store, _host
+from unlearn_bench.store_admin import human, store_app
 
 app = typer.Typer()
 app.add_typer(store_app, name="store")
@@ -166,5 +166,5 @@ def test_store_option_defaults_to_bench_cache(world):
 
 
 def test_store_admin_does_not_import_torch():
-    code = "import bench.store_admin, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import unlearn_bench.store_admin, sys; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.toy import world
-from bench.toy.judge import frechet_distance
-from metrics.attr_acc import AttrAcc
-from metrics.concept_rate import ConceptRate
-from metrics.toy_fd import ToyFD
+from unlearn_bench.metrics.attr_acc import AttrAcc
+from unlearn_bench.metrics.concept_rate import ConceptRate
+from unlearn_bench.metrics.toy_fd import ToyFD
+from unlearn_bench.toy import world
+from unlearn_bench.toy.judge import frechet_distance
 
 
 def renders(prompts: list[str], seed: int = 5) -> np.ndarray:

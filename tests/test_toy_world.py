@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.toy import world
+from unlearn_bench.toy import world
 
 
 def test_importing_the_toy_world_does_not_import_torch():
@@ -74,7 +74,7 @@ def test_captions_round_trip_for_every_pair():
 
 @pytest.mark.parametrize("codec_name", ["haar", "pixel_unshuffle"])
 def test_codec_round_trip_is_exact(codec_name):
-    from bench.toy.model import CODECS, from_uint8, to_uint8
+    from unlearn_bench.toy.model import CODECS, from_uint8, to_uint8
 
     codec = CODECS[codec_name]()
     images = world.make_dataset(30, seed=1)[0]
@@ -87,7 +87,7 @@ def test_codec_round_trip_is_exact(codec_name):
 
 
 def test_components_are_named_like_stable_diffusion():
-    from bench.toy.model import build_toy_components
+    from unlearn_bench.toy.model import build_toy_components
 
     comps = build_toy_components(seed=0)
     names = [n for n, _ in comps["unet"].named_modules()]
@@ -102,8 +102,8 @@ def test_components_are_named_like_stable_diffusion():
 
 
 def test_missing_weights_name_the_build_command(tmp_path):
-    from bench.toy.detector import load_detector
-    from bench.toy.model import load_toy_components
+    from unlearn_bench.toy.detector import load_detector
+    from unlearn_bench.toy.model import load_toy_components
 
     with pytest.raises(FileNotFoundError, match="bench toy build"):
         load_toy_components(tmp_path)
@@ -113,9 +113,9 @@ def test_missing_weights_name_the_build_command(tmp_path):
 
 @pytest.mark.slow  # trains a model twice (minutes on 2 cores): `make test-slow`
 def test_tiny_build_writes_loadable_weights_and_resumes(tmp_path):
-    from bench.toy.build import STATE_DIR, STATE_FILE, build
-    from bench.toy.detector import load_detector
-    from bench.toy.model import load_toy_components
+    from unlearn_bench.toy.build import STATE_DIR, STATE_FILE, build
+    from unlearn_bench.toy.detector import load_detector
+    from unlearn_bench.toy.model import load_toy_components
 
     kw = {"detector_steps": 3, "eval_samples": 5, "quiet": True, "n_train": 300}
     first = build(tmp_path, steps=2, **kw)
@@ -139,8 +139,8 @@ def test_tiny_build_writes_loadable_weights_and_resumes(tmp_path):
 @pytest.mark.slow  # trains a model twice (minutes on 2 cores): `make test-slow`
 def test_interrupted_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A build killed mid-way and re-run with the same command ends where an uninterrupted one does."""
-    import bench.toy.build as b
-    from bench.toy.model import load_toy_components
+    import unlearn_bench.toy.build as b
+    from unlearn_bench.toy.model import load_toy_components
 
     kw = {
         "steps": 4,
@@ -176,14 +176,14 @@ def test_interrupted_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def shipped():
-    from bench.toy.detector import load_detector
-    from bench.toy.model import load_toy_components
+    from unlearn_bench.toy.detector import load_detector
+    from unlearn_bench.toy.model import load_toy_components
 
     return load_toy_components(), load_detector()
 
 
 def test_shipped_detector_is_accurate_on_heldout_images(shipped):
-    from bench.toy.detector import classify
+    from unlearn_bench.toy.detector import classify
 
     _, detector = shipped
     images, _, colour_idx, shape_idx = world.make_dataset(200, seed=424_242)
@@ -194,8 +194,8 @@ def test_shipped_detector_is_accurate_on_heldout_images(shipped):
 
 
 def test_shipped_model_draws_red_when_asked(shipped):
-    from bench.toy.detector import classify
-    from bench.toy.model import sample_images
+    from unlearn_bench.toy.detector import classify
+    from unlearn_bench.toy.model import sample_images
 
     comps, detector = shipped
     prompts = [world.caption("red", s) for s in world.SHAPES] * 8
@@ -209,8 +209,8 @@ def test_shipped_model_through_the_harness_meets_the_toy_bars(registry, torch_si
     """The toy world's quality bars on a small sample (2 images per caption, all 15 captions), through the same
     model wrapper and sampler settings as the suites (registry `toy`: DDIM steps and guidance): red prompts come out red
     (bar 0.90 at full size; 0.80 here) and colour and shape both match (bar 0.85; 0.80 here)."""
-    from bench.models.loading import load_model
-    from bench.toy.detector import classify, load_detector
+    from unlearn_bench.models.loading import load_model
+    from unlearn_bench.toy.detector import classify, load_detector
 
     spec = registry.model("toy")
     model = load_model(spec)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.specs import ModelSpec
+from unlearn_bench.specs import ModelSpec
 
 
 @dataclass
@@ -287,13 +287,13 @@ class DiffusionModel:
             uncond, text = self.predict(inp, t, cond).chunk(2)
             latents = sched.step(uncond + g * (text - uncond), t, latents).prev_sample
         if not bool(torch.isfinite(latents).all()):  # NaN would become a black image: never a score
-            from bench.finite import NonFinite
+            from unlearn_bench.finite import NonFinite
 
             raise NonFinite(f"sampling {self.spec.name}", "latents", None, f"prompts {prompts[:2]}")
         with self.autocast():
             decoded = self.codec.decode(latents)
         if not bool(torch.isfinite(decoded).all()):
-            from bench.finite import NonFinite
+            from unlearn_bench.finite import NonFinite
 
             raise NonFinite(f"decoding {self.spec.name}", "images", None, f"prompts {prompts[:2]}")
         return images_to_uint8(decoded)

@@ -17,8 +17,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.registry import RegistryError
-from bench.specs import ModelSpec
+from unlearn_bench.registry import RegistryError
+from unlearn_bench.specs import ModelSpec
 
 REAL_KINDS = ("sd", "sdxl")
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2", "vae")  # the folders whose weights the harness loads
@@ -187,19 +187,19 @@ def check_available(spec: ModelSpec) -> None:
 
 def load_model(spec: ModelSpec, device: str = "cpu") -> Any:
     """Instantiate the DiffusionModel for a spec (imports torch and diffusers)."""
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     if spec.kind == "tiny":
-        from bench.models.tiny import build_tiny
+        from unlearn_bench.models.tiny import build_tiny
 
         return build_tiny(spec, device)
     if spec.kind == "toy":
-        from bench.models.toy import load_toy
+        from unlearn_bench.models.toy import load_toy
 
         return load_toy(spec, device)
     if spec.kind in REAL_KINDS:
-        from bench.models.sd import load_sd
+        from unlearn_bench.models.sd import load_sd
 
         check_available(spec)
         return load_sd(spec, device)

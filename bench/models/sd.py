@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from bench.models.base import Cond, DiffusionModel, VAECodec
-from bench.specs import ModelSpec
+from unlearn_bench.models.base import Cond, DiffusionModel, VAECodec
+from unlearn_bench.specs import ModelSpec
 
 
 class SDXLModel(DiffusionModel):

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from bench.models.base import DiffusionModel, VAECodec
-from bench.models.tokenizer import load_clip_tokenizer
-from bench.specs import ModelSpec
+from unlearn_bench.models.base import DiffusionModel, VAECodec
+from unlearn_bench.models.tokenizer import load_clip_tokenizer
+from unlearn_bench.specs import ModelSpec
 
 # SD 1.x scheduler settings (CompVis/stable-diffusion-v1-4 scheduler_config.json).
 SD1_SCHEDULER = {

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.models.base import DiffusionModel
-from bench.specs import ModelSpec
+from unlearn_bench.models.base import DiffusionModel
+from unlearn_bench.specs import ModelSpec
 
 
 class _DeviceCodec:
@@ -39,7 +39,7 @@ def wrap_toy(components: dict[str, Any], spec: ModelSpec | None = None, device: 
 
 
 def load_toy(spec: ModelSpec, device: str = "cpu") -> DiffusionModel:
-    from bench.toy.model import load_toy_components
+    from unlearn_bench.toy.model import load_toy_components
 
     comps = load_toy_components(Path(spec.path).expanduser() if spec.path else None, device="cpu")
     return wrap_toy(comps, spec, device)

@@ -67,9 +67,9 @@ def evaluate_samples(
     components: dict[str, Any], detector: Any, n: int, guidance: float, device: str, seed: int = 10_000
 ) -> dict[str, Any]:
     """Sample n images cycling over every (colour, shape) caption and judge them with the detector."""
-    from bench.toy import world
-    from bench.toy.detector import classify
-    from bench.toy.model import sample_images
+    from unlearn_bench.toy import world
+    from unlearn_bench.toy.detector import classify
+    from unlearn_bench.toy.model import sample_images
 
     pairs = [(c, s) for c in world.COLOURS for s in world.SHAPES]
     asked = [pairs[i % len(pairs)] for i in range(n)]
@@ -110,8 +110,8 @@ def _train_diffusion(
     import torch.nn.functional as F
     from diffusers import DDPMScheduler
 
-    from bench.toy import world
-    from bench.toy.model import encode_prompts, from_uint8
+    from unlearn_bench.toy import world
+    from unlearn_bench.toy.model import encode_prompts, from_uint8
 
     start = 0 if state is None else int(state["step"])
     unet, codec = comps["unet"].to(device), comps["codec"]
@@ -197,7 +197,7 @@ def _train_diffusion(
 
 def _recipe(seed: int, detector_steps: int, n_train: int) -> dict[str, Any]:
     """Everything that changes the result except the step count (a build may be extended to more steps)."""
-    from bench.toy.model import TOY_CONFIG
+    from unlearn_bench.toy.model import TOY_CONFIG
 
     return _jsonable(
         {**RECIPE, "seed": seed, "detector_steps": detector_steps, "n_train": n_train, "config": TOY_CONFIG}
@@ -225,13 +225,13 @@ def build(
     """
     import torch
 
-    from bench.compat import ensure_torchvision_importable
+    from unlearn_bench.compat import ensure_torchvision_importable
 
     ensure_torchvision_importable()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from bench.toy.detector import heldout_accuracy, load_detector, save_detector, train_detector
-    from bench.toy.model import (
+    from unlearn_bench.toy.detector import heldout_accuracy, load_detector, save_detector, train_detector
+    from unlearn_bench.toy.model import (
         atomic_save_json,
         build_toy_components,
         save_toy_components,

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.toy import world
-from bench.toy.model import WEIGHTS_DIR, atomic_save_safetensors, from_uint8
+from unlearn_bench.toy import world
+from unlearn_bench.toy.model import WEIGHTS_DIR, atomic_save_safetensors, from_uint8
 
 DETECTOR_FILE = "detector.safetensors"
 FEATURE_DIM = 128

@@ -17,13 +17,13 @@ ATTRIBUTES = ("colour", "shape")
 
 @lru_cache(maxsize=2)
 def detector(weights_dir: str | None = None) -> Any:
-    from bench.toy.detector import load_detector
+    from unlearn_bench.toy.detector import load_detector
 
     return load_detector(None if weights_dir is None else __import__("pathlib").Path(weights_dir))
 
 
 def judge(images: np.ndarray, weights_dir: str | None = None) -> dict[str, np.ndarray]:
-    from bench.toy.detector import classify
+    from unlearn_bench.toy.detector import classify
 
     return classify(detector(weights_dir), images)
 
@@ -31,7 +31,7 @@ def judge(images: np.ndarray, weights_dir: str | None = None) -> dict[str, np.nd
 def concept_attributes(params: Mapping[str, Any], concept_name: str) -> dict[str, str]:
     """The attribute values that make an image show the concept, from the concept's `toy` params
     (e.g. {colour: red}, {shape: triangle}, or both for a colour-shape pair)."""
-    from bench.toy import world
+    from unlearn_bench.toy import world
 
     attrs = {k: v for k, v in dict(params.get("toy", {})).items() if k in ATTRIBUTES}
     if not attrs:

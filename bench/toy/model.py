@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.compat import ensure_torchvision_importable
+from unlearn_bench.compat import ensure_torchvision_importable
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 UNET_FILE = "unet.safetensors"
@@ -125,7 +125,7 @@ def _make_modules(config: dict[str, Any]) -> dict[str, Any]:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from bench.models.tokenizer import load_clip_tokenizer
+    from unlearn_bench.models.tokenizer import load_clip_tokenizer
 
     tokenizer = load_clip_tokenizer(model_max_length=config["max_length"])
     te_cfg = CLIPTextConfig(
@@ -256,7 +256,7 @@ def sample_images(
     Used to measure a toy build; it goes through the harness's model wrapper, so a build is judged by the very
     sampler the suites use (one per-seed CPU generator per image, as there).
     """
-    from bench.models.toy import wrap_toy
+    from unlearn_bench.models.toy import wrap_toy
 
     model = wrap_toy(components, device=str(device))
     return model.sample(list(prompts), [int(s) for s in seeds], guidance=guidance_scale, steps=num_inference_steps,

@@ -8,7 +8,7 @@ pytest.importorskip("pytest_benchmark")
 
 
 def test_esd_iteration_speed(benchmark, registry, tiny_model):
-    from bench.perf import time_esd
+    from unlearn_bench.perf import time_esd
 
     spec = registry.method("esd", registry.model("tiny"))
     result = benchmark.pedantic(time_esd, args=(tiny_model, spec, registry.concept("nudity"), 3, False), rounds=3)

@@ -30,7 +30,6 @@ from unlearn_bench.attacks.finetune import Finetune
 
 TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 FORMAT_KEY = "delta_format"  # safetensors metadata marking a file of LoRA factors (vs full tensor values)
-_DOWN, _UP = ".lora.down.weight", ".lora.up.weight"
 
 
 def lora_parameters(unet: Any) -> dict[str, torch.nn.Parameter]:
@@ -77,34 +76,6 @@ def attached_lora(unet: Any, rank: int, seed: int,
 def lora_saver(unet: Any, save: Callable[..., None]) -> Callable[[int], None]:
     """save(step) for the runner's callback: store the adapter's factors instead of changed base tensors."""
     return lambda step: save(step, lora_state_dict(unet), lora_metadata(unet))
-
-
-def is_lora_delta(tensors: dict[str, torch.Tensor]) -> bool:
-    """True for a stored LoRA checkpoint (diffusers or peft key layout), False for full tensor values."""
-    return bool(tensors) and all(".lora." in k or ".lora_A." in k or ".lora_B." in k for k in tensors)
-
-
-def merge_lora(model: Any, tensors: dict[str, torch.Tensor], scale: float = 1.0) -> int:
-    """W += scale * up @ down for every adapted Linear of `model` (its current weights: base or unlearned).
-
-    Accepts diffusers ('.lora.down/.up.weight') and peft ('.lora_A/.lora_B.weight') keys. Returns the number of
-    weights changed. scale = alpha / r is 1 for every file this module writes."""
-    params = model.named_parameters()
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for k, v in tensors.items():
-        for down, up in ((_DOWN, _UP), (".lora_A.weight", ".lora_B.weight")):
-            if k.endswith(down):
-                pairs.setdefault(k[: -len(down)], {})["down"] = v
-            elif k.endswith(up):
-                pairs.setdefault(k[: -len(up)], {})["up"] = v
-    missing = sorted(m for m, f in pairs.items() if len(f) != 2 or f"{m}.weight" not in params)
-    if missing or not pairs:
-        raise KeyError(f"LoRA file does not match the model: {len(missing)} modules, e.g. {missing[:3]}")
-    with torch.no_grad():
-        for module, f in pairs.items():
-            w = params[f"{module}.weight"]
-            w.add_((scale * f["up"].float() @ f["down"].float()).to(w.device, w.dtype))
-    return len(pairs)
 
 
 class LoRA(Finetune):

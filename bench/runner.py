@@ -30,7 +30,10 @@ from unlearn_bench.store import Entry, NotCached, StageFailed, Store, sha256_fil
 def component_identity(spec: ComponentSpec) -> dict[str, Any]:
     """What makes a component's result differ: its implementation, version and parameters (never its name, so
     esd and esd-u with identical parameters share one cached model)."""
-    ident = {"module": spec.module, "version": spec.version, "params": thaw(spec.params)}
+    ident = {"module": spec.module, "version": spec.version,
+             "params": {k: v for k, v in thaw(spec.params).items() if k not in spec.location_params}}
+    if spec.fingerprint:  # external content (a checkpoint) by digest, never by where it lives
+        ident["content"] = spec.fingerprint
     if spec.wrappers:
         ident["wrappers"] = [component_identity(w) for w in spec.wrappers]
     return ident
@@ -114,7 +117,7 @@ class Runner:
         if self._model is None:
             self.progress.log(f"loading model [bold]{self.plan.model.name}[/bold] on {self.device}")
             self._model = load_model(self.plan.model, self.device)
-        from unlearn_bench.attacks.lora import is_lora_delta, merge_lora
+        from unlearn_bench.models.lora import is_lora_delta, merge_lora
 
         loaded = [load_delta(p) for p in deltas or []]
         self._model.load_state([d for d in loaded if not is_lora_delta(d)])

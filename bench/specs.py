@@ -159,6 +159,12 @@ class ComponentSpec:
     paper: str = ""
     higher_is_better: bool | None = None  # metrics only
     wrappers: tuple[ComponentSpec, ...] = ()  # methods only: base+wrapper grammar, e.g. esd+meta
+    # Content the component reads from outside its params (an external checkpoint): `fingerprint` is a digest of
+    # that content, set at plan time, and `location_params` name the params that only say where it lives (a path).
+    # Stage keys use the fingerprint instead of those params, so moving a folder keeps the cache and changing one
+    # tensor recomputes.
+    fingerprint: str = ""
+    location_params: tuple[str, ...] = ()
 
     def p(self, key: str, default: Any = None) -> Any:
         return self.params.get(key, default)

@@ -56,7 +56,7 @@ def test_lora_checkpoint_holds_only_lora_factors(lora_file, tiny_model):
 def test_lora_checkpoint_loads_with_load_lora_weights_and_matches_the_merge(lora_file, tiny_model):
     from diffusers import StableDiffusionPipeline
 
-    from unlearn_bench.attacks.lora import merge_lora
+    from unlearn_bench.models.lora import merge_lora
 
     m = tiny_model
     m.load_state([])

@@ -1,1 +1,1 @@
-"""Relearning and adversarial attacks: one module each, behind attacks.base.Attack."""
+"""Relearning and adversarial attacks: one module each, behind attacks.base.WeightAttack or PromptAttack."""

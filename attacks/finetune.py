@@ -16,14 +16,14 @@ from typing import Any
 
 import torch
 
-from unlearn_bench.attacks.base import Attack, AttackData
+from unlearn_bench.attacks.base import AttackData, WeightAttack
 from unlearn_bench.data import DataRequest
 from unlearn_bench.methods.base import select_parameters
 from unlearn_bench.models.base import Cond, uint8_to_images
 from unlearn_bench.training import train
 
 
-class Finetune(Attack):
+class Finetune(WeightAttack):
     def steps(self) -> list[int]:
         steps = sorted({int(s) for s in self.spec.params["steps"]})
         if not steps or steps[0] <= 0:

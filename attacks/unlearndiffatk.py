@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn_bench.attacks.base import Attack
+from unlearn_bench.attacks.base import PromptAttack
 from unlearn_bench.models.base import sample_seed, uint8_to_images
 
 
@@ -79,11 +79,9 @@ def project_simplex(v: torch.Tensor, top: int = 256) -> torch.Tensor:
     return (v - tau).clamp_min(0)
 
 
-class UnlearnDiffAtk(Attack):
+class UnlearnDiffAtk(PromptAttack):
     """Params: k (int, or concept -> int with `default`), lr, weight_decay, timesteps (number of blocks),
     iterations (per block), batch_size (prompts attacked together; does not change results)."""
-
-    kind = "prompts"
 
     def k(self) -> int:
         k = self.spec.params["k"]

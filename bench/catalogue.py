@@ -10,22 +10,23 @@ method/attack/metric parameters are open-ended, so those entries declare their o
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, fields
-from pathlib import Path
 from typing import Any
 
 from unlearn_bench.errors import RegistryError, suggest
+from unlearn_bench.plugins import is_file_ref, split_ref
 from unlearn_bench.schema import Ctx, SchemaSyntaxError, Struct, Type, parse_type, show
 from unlearn_bench.specs import ModelSpec
-from unlearn_bench.yamlio import Lines
 
 SECTIONS = ("models", "concepts", "prompt_sets", "methods", "wrappers", "attacks", "metrics", "suites")
 COMPONENT_KINDS = {"methods": "method", "wrappers": "wrapper", "attacks": "attack", "metrics": "metric"}
 REF_SECTIONS = {"prompt-set": "prompt_sets", "metric": "metrics", "model": "models", "concept": "concepts",
                 "method": "methods", "wrapper": "wrappers", "attack": "attacks"}
-COMPONENT_FIELDS = ("module", "description", "paper", "params", "scaled", "schema")
-METRIC_FIELDS = (*COMPONENT_FIELDS, "version", "higher_is_better")
+# `version` is part of every stage key of the component (bench.runner component_identity): bump it when the code
+# changes results - the store's keys do not see code, which matters most for plug-ins outside this repository
+COMPONENT_FIELDS = ("module", "description", "paper", "params", "scaled", "schema", "version")
+METRIC_FIELDS = (*COMPONENT_FIELDS, "higher_is_better")
 DATA_ROLES = ("forget", "related", "unrelated", "retain", "attack")  # ConceptSpec.role_prompts
 SCOPES = ("target", "benign", "related")  # metric scopes (bench.plan)
 PROMPT_FORMATS = ("auto", "i2p", "coco", "plain")  # bench.prompts.FORMATS
@@ -130,28 +131,66 @@ def resolve(table: Mapping[str, Any], name: str, section: str, chain: tuple[str,
     return raw
 
 
-def check_structure(data: Mapping[str, Any], path: Path, lines: Lines) -> list[str]:
-    """Every structural problem of a registry file: shapes, unknown fields, `extends`, required fields, schema
-    syntax, and the types of model/concept/prompt-set/suite fields (names and paths are checked when used)."""
-    problems: list[str] = []
+TOP_LEVEL = ("version", "defaults")
+OVERRIDE = "override"  # include files only: fields deep-merged into entries defined elsewhere (bench.includes)
 
-    def add(keys: tuple[str, ...], text: str) -> None:
-        line = next((lines[keys[:i]] for i in range(len(keys), 0, -1) if keys[:i] in lines), None)
-        problems.append(f"{path}:{line}: {text}" if line else f"{path}: {text}")
 
+def top_problems(data: Any, locate: Callable[[tuple[str, ...]], str], include: bool) -> list[str]:
+    """The top level of one registry file or fragment: a mapping of known sections, each a mapping; `version` an
+    integer; `defaults` {suite: NAME}; and, in an include, `override` {section: {name: {fields}}}."""
+    if data is None:
+        return []
+    allowed = (*SECTIONS, *TOP_LEVEL, *((OVERRIDE,) if include else ()))
+    if not isinstance(data, Mapping):
+        return [f"{locate(())}: top level must be a mapping of sections {SECTIONS}, got {type(data).__name__}"]
+    bad = sorted(str(k) for k in set(data) - set(allowed))
+    if bad:
+        note = " (`override` belongs in include files, not in the catalogue itself)" if OVERRIDE in bad else ""
+        return [f"{locate((bad[0],))}: unknown section(s) {bad}.{suggest(bad[0], allowed)} Allowed: {allowed}{note}"]
+    out: list[tuple[tuple[str, ...], str]] = []
     if "version" in data and (isinstance(data["version"], bool) or not isinstance(data["version"], int)):
-        add(("version",), f"version={show(data['version'])} must be an integer")
+        out.append((("version",), f"version={show(data['version'])} must be an integer"))
     defaults = data.get("defaults")
     if defaults is not None and not (isinstance(defaults, Mapping) and set(defaults) <= {"suite"}
                                      and isinstance(defaults.get("suite", ""), str)):
-        add(("defaults",), f"defaults must be a mapping {{suite: NAME}}, got {show(defaults)}")
+        out.append((("defaults",), f"defaults must be a mapping {{suite: NAME}}, got {show(defaults)}"))
+    for section in SECTIONS:
+        if data.get(section) is not None and not isinstance(data[section], Mapping):
+            out.append(((section,), f"section '{section}' must be a mapping of name -> entry, got "
+                                    f"{show(data[section])}"))
+    over = data.get(OVERRIDE)
+    if over is not None and not isinstance(over, Mapping):
+        out.append(((OVERRIDE,), f"override must be a mapping of section -> name -> fields, got {show(over)}"))
+    for section, table in (over or {}).items() if isinstance(over, Mapping) else ():
+        keys = (OVERRIDE, str(section))
+        if section not in (*SECTIONS, "defaults"):
+            out.append((keys, f"override: unknown section '{section}'.{suggest(str(section), SECTIONS)} "
+                              f"Allowed: {', '.join((*SECTIONS, 'defaults'))}"))
+        elif not isinstance(table, Mapping):
+            out.append((keys, f"override.{section} must be a mapping, got {show(table)}"))
+        elif section == "defaults":
+            if not (set(table) <= {"suite"} and isinstance(table.get("suite", ""), str)):
+                out.append((keys, f"override.defaults must be a mapping {{suite: NAME}}, got {show(table)}"))
+        else:
+            out.extend(((*keys, str(n)), f"override.{section}.{n}: the fields to override must be a mapping, got "
+                                         f"{show(v)}") for n, v in table.items() if not isinstance(v, Mapping))
+    return [f"{locate(keys)}: {text}" for keys, text in out]
+
+
+def check_structure(data: Mapping[str, Any], locate: Callable[[tuple[str, ...]], str]) -> list[str]:
+    """Every structural problem of the (merged) catalogue's entries: shapes, unknown fields, `extends`, required
+    fields, schema syntax, and the types of model/concept/prompt-set/suite fields (names and paths are checked
+    when used). `locate(keys)` names the file and line that wrote a key path ("file:line"), so a problem in an
+    include file cites that file."""
+    problems: list[str] = []
+
+    def add(keys: tuple[str, ...], text: str) -> None:
+        problems.append(f"{locate(keys)}: {text}")
+
     loose = Ctx(check_paths=False)  # names and paths are checked when an entry is used, and by `bench validate`
     for section in SECTIONS:
         table = data.get(section)
-        if table is None:
-            continue
         if not isinstance(table, Mapping):
-            add((section,), f"section '{section}' must be a mapping of name -> entry, got {show(table)}")
             continue
         allowed = allowed_fields(section)
         for name, raw in table.items():
@@ -189,9 +228,11 @@ def _component_problems(section: str, name: str, raw: Mapping[str, Any]) -> list
     where = f"{section}.{name}"
     module = raw.get("module")
     if module is None:
-        out.append(("", f"{where}.module: missing (write module: package.module:Class)"))
-    elif not isinstance(module, str) or module.count(":") != 1 or not all(module.split(":")):
-        out.append(("module", f"{where}.module={show(module)} must be 'package.module:Class'"))
+        out.append(("", f"{where}.module: missing (write module: package.module:Class or file.py:Class)"))
+    elif not isinstance(module, str) or not all(split_ref(module)) or (
+            not is_file_ref(module) and module.count(":") != 1):
+        out.append(("module", f"{where}.module={show(module)} must be 'package.module:Class' or "
+                              "'path/to/file.py:Class'"))
     for key in ("description", "paper"):
         if not isinstance(raw.get(key, ""), str):
             out.append((key, f"{where}.{key}={show(raw[key])} must be a string"))
@@ -208,10 +249,10 @@ def _component_problems(section: str, name: str, raw: Mapping[str, Any]) -> list
             parse_type(text)
         except SchemaSyntaxError as exc:
             out.append(("schema", f"{where}.schema.{key}: {exc}"))
+    if "version" in raw and (isinstance(raw["version"], bool) or not isinstance(raw["version"], str | int)):
+        out.append(("version", f"{where}.version={show(raw['version'])} must be a string"))
     if section == "metrics":
         hib = raw.get("higher_is_better")
         if not isinstance(hib, bool):
             out.append(("higher_is_better", f"{where}.higher_is_better={show(hib)} must be declared true or false"))
-        if "version" in raw and (isinstance(raw["version"], bool) or not isinstance(raw["version"], str | int)):
-            out.append(("version", f"{where}.version={show(raw['version'])} must be a string"))
     return out

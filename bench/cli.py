@@ -25,6 +25,9 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 GPUS = re.compile(r"all|\d+(?:-\d+)?(?:\s*,\s*\d+(?:-\d+)?)*")
 EXECUTORS = ("local", "slurm", "submitit-local")
 RegistryOpt = Annotated[Path | None, typer.Option("--registry", help="registry YAML (default: the project's)")]
+IncludeOpt = Annotated[list[Path] | None, typer.Option(
+    "--include", help="a registry file merged into the catalogue (new entries; `override:` for existing ones); "
+                      "repeatable, after those in $BENCH_INCLUDE (os.pathsep-separated)")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -50,9 +53,10 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-def _registry(path: Path | None, overrides: list[str] | None = None) -> Registry:
+def _registry(path: Path | None, overrides: list[str] | None = None, includes: list[Path] | None = None) -> Registry:
+    """The catalogue a command uses: the registry file, installed plug-ins, $BENCH_INCLUDE and --include files."""
     try:
-        return Registry.load(path, overrides or [])
+        return Registry.load(path, overrides or [], includes or [])
     except RegistryError as exc:
         fail(str(exc))
         raise  # unreachable
@@ -60,9 +64,9 @@ def _registry(path: Path | None, overrides: list[str] | None = None) -> Registry
 
 @app.command("ls")
 def ls(section: Annotated[str, typer.Argument(help=f"one of {', '.join(LS_SECTIONS)}")] = "methods",
-       registry: RegistryOpt = None) -> None:
+       registry: RegistryOpt = None, include: IncludeOpt = None) -> None:
     """List registry entries with a one-line description (and the paper or source)."""
-    reg = _registry(registry)
+    reg = _registry(registry, includes=include)
     if section not in LS_SECTIONS:
         from unlearn_bench.registry import suggest
 
@@ -71,10 +75,11 @@ def ls(section: Annotated[str, typer.Argument(help=f"one of {', '.join(LS_SECTIO
     from rich.table import Table
 
     table = Table(title=section, show_lines=False)
-    for col in ("name", "description", "paper / source"):
+    origins = {name: reg.origin(section, name) for name in reg.names(section)}
+    for col in ("name", "description", "paper / source", *(("from",) if any(origins.values()) else ())):
         table.add_column(col, overflow="fold")
     for name, desc, extra in reg.describe(section):
-        table.add_row(name, desc, extra)
+        table.add_row(name, desc, extra, *((origins[name],) if any(origins.values()) else ()))
     Console().print(table)
 
 
@@ -84,18 +89,21 @@ def validate(file: Annotated[Path | None, typer.Argument(help="registry YAML to 
                  "--import/--no-import",
                  help="import every module the registry names (proves its dependencies import; loads torch), "
                       "or with --no-import only find and parse it (instant)")] = True,
+             include: IncludeOpt = None,
              ) -> None:
     """Check every registry entry (structure, schemas, names, paths, modules); exit 2 listing the problems."""
     try:
-        reg = Registry.load(file)
+        reg = Registry.load(file, (), include or [])
         problems = reg.validate(import_modules)
     except RegistryError as exc:
         reg, problems = None, exc.problems or [str(exc)]
     if problems:
         for p in problems:
             typer.echo(f"  - {p}", err=True)
-        fail(f"{reg.path if reg else file or 'registry'}: {len(problems)} problem(s)")
-    typer.echo(f"{reg.path}: OK ({', '.join(f'{len(reg.names(s))} {s}' for s in LS_SECTIONS)})")
+        merged = "".join(f" + {s.short()}" for s in reg.includes) if reg else ""
+        fail(f"{reg.path if reg else file or 'registry'}{merged}: {len(problems)} problem(s)")
+    merged = "".join(f" + {s.short()}" for s in reg.includes)
+    typer.echo(f"{reg.path}{merged}: OK ({', '.join(f'{len(reg.names(s))} {s}' for s in LS_SECTIONS)})")
 
 
 def check_run_options(device: str, batch_size: int, workers: int, executor: str, gpus: str | None,
@@ -138,6 +146,7 @@ def run(
     gpus_per_job: Annotated[int, typer.Option(help="Slurm GPUs per job")] = 1,
     time: Annotated[int, typer.Option("--time", help="Slurm time limit per job, minutes")] = 240,
     registry: RegistryOpt = None,
+    include: IncludeOpt = None,
 ) -> None:
     """Run the method x attack x metric matrix; every stage is cached, so re-running resumes."""
     import os
@@ -147,7 +156,7 @@ def run(
     check_run_options(device, batch_size, workers, executor, gpus, gpus_per_job, time)
     if threads < 0:
         fail(f"--threads {threads}: must be >= 0 (0 = the default split)")
-    reg = _registry(registry, set_)
+    reg = _registry(registry, set_, include)
     try:
         req = request_from(reg, suite, model, concept, methods, attacks, metrics, seeds)
         plan = make_plan(reg, req)
@@ -198,9 +207,10 @@ def score_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     registry: RegistryOpt = None,
+    include: IncludeOpt = None,
 ) -> None:
     """Re-score a run's stored images with new or changed metrics, without generating anything."""
-    reg = _registry(registry, set_)
+    reg = _registry(registry, set_, include)
     names = tuple(m.strip() for m in (metrics or "").split(",") if m.strip())
     from unlearn_bench.compat import ensure_torchvision_importable
 
@@ -236,6 +246,45 @@ def report(
     from unlearn_bench.report import build_report
 
     typer.echo(build_report(out, store, images))
+
+
+@app.command("export")
+def export_cmd(
+    out: Annotated[Path, typer.Argument(help="a results directory (records.csv + run.json) of `bench run`")],
+    method: Annotated[str, typer.Option(help="the method of the state, e.g. esd")],
+    to: Annotated[Path, typer.Option("--to", help="new folder to write the diffusers model into")],
+    attack: Annotated[str, typer.Option(help="the attack of the state, e.g. ft-lr1e-5 (none: the unlearned model)")]
+    = "none",
+    step: Annotated[int | None, typer.Option(help="attack step (default: the only one there is)")] = None,
+    seed: Annotated[int | None, typer.Option(help="run seed (default: the only one there is)")] = None,
+    only_changed: Annotated[bool, typer.Option(
+        "--only-changed", help="write only the components whose weights differ from the base (e.g. unet/)")] = False,
+    force: Annotated[bool, typer.Option("--force", help="replace a previous export at --to")] = False,
+    store: Annotated[Path | None, typer.Option(help="artifact store (default: the one run.json names)")] = None,
+    device: Annotated[str, typer.Option(
+        help="where to rebuild the state: cpu, or the run's device to merge LoRA factors bit-for-bit")] = "cpu",
+) -> None:
+    """Export a state the run evaluated (base + unlearn delta + attack checkpoint) as a diffusers model folder."""
+    if not DEVICE.fullmatch(device) or device == "auto":
+        fail(f"--device {device!r}: allowed: cpu, cuda, cuda:N (e.g. cuda:1), mps")
+    from unlearn_bench.compat import ensure_torchvision_importable
+
+    ensure_torchvision_importable()
+    from unlearn_bench.execute import resolve_device
+    from unlearn_bench.export import export_state, summary
+
+    try:
+        resolved = resolve_device(device)
+    except SystemExit as exc:  # no such device here: bad input, like every other check of this command
+        fail(str(exc).removeprefix("error: "))
+        raise  # unreachable
+    try:
+        info = export_state(out, method, to, attack=attack, step=step, seed=seed, only_changed=only_changed,
+                            force=force, store=store, device=resolved)
+    except RegistryError as exc:
+        fail(str(exc))
+        raise  # unreachable
+    typer.echo(summary(info, to))
 
 
 @app.command()

@@ -1,21 +1,31 @@
 """Run one method spec (and its wrappers) on a loaded model: the shared loop for gradient methods,
-`apply` for closed-form ones."""
+`apply` for closed-form ones. Every hook of the Method contract (unlearn_bench.methods.base) is called here,
+unconditionally and in its documented order; the base class supplies the no-ops."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from unlearn_bench.plugins import load_class
+from unlearn_bench.components import build_component, component_class
+from unlearn_bench.methods.base import Method
 from unlearn_bench.progress import Progress
 from unlearn_bench.specs import ComponentSpec, ConceptSpec
 from unlearn_bench.training import train
 
 
-def build_method(spec: ComponentSpec, concept: ConceptSpec) -> Any:
-    method = load_class(spec.module)(spec, concept)
+def build_method(spec: ComponentSpec, concept: ConceptSpec) -> Method:
+    """The method with its wrappers applied innermost first (esd+meta -> Meta(ESD)); each class checked to be a
+    Method."""
+    method = build_component(spec, Method, concept)
     for wrapper in spec.wrappers:
-        method = load_class(wrapper.module)(wrapper, concept, method)
+        method = build_component(wrapper, Method, concept, method)
     return method
+
+
+def changes_weights(spec: ComponentSpec) -> bool:
+    """Whether running this method can change any weight: False only for an unwrapped method whose class says so
+    (`none`), which then needs no unlearn stage at all."""
+    return bool(spec.wrappers) or component_class(spec, Method).changes_weights
 
 
 def run_method(model: Any, spec: ComponentSpec, concept: ConceptSpec, seed: int,
@@ -30,15 +40,15 @@ def run_method(model: Any, spec: ComponentSpec, concept: ConceptSpec, seed: int,
     if missing:
         raise ValueError(f"method {spec.name} needs data roles {missing}")
     method.data = dict(data or {})
-    if method.closed_form:
-        method.apply(model, seed)
-        return {"history": [], "diagnostics": getattr(method, "diagnostics", {})}
+    history: list[float] = []
     method.prepare(model, seed)
     try:
-        history = train(model, method, seed=seed, progress=progress, label=f"unlearn {spec.name}",
-                        **method.train_settings())
-        if hasattr(method, "finish"):
-            method.finish(model, seed)  # end-of-training diagnostics (e.g. +meta's gradient alignment)
-        return {"history": history, "diagnostics": getattr(method, "diagnostics", {})}
+        if method.closed_form:
+            method.apply(model, seed)
+        else:
+            history = train(model, method, seed=seed, progress=progress, label=f"unlearn {spec.name}",
+                            **method.train_settings())
+        method.finish(model, seed)  # end-of-run diagnostics (e.g. +meta's gradient alignment)
+        return {"history": history, "diagnostics": dict(method.diagnostics)}
     finally:
         method.cleanup()

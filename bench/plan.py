@@ -98,7 +98,9 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
     check_request(req)
     model = reg.model(req.model)
     concept = reg.concept(req.concept)
-    methods = [reg.method(m, model) for m in req.methods]
+    from unlearn_bench.external_methods import resolve_external
+
+    methods = [resolve_external(reg.method(m, model), model) for m in req.methods]  # checkpoint checks, digests
     attacks = [reg.attack(a, model) for a in req.attacks]
     metrics = [reg.metric(m, model) for m in req.metrics]
     components = ([(m, "methods") for m in methods] + [(w, "wrappers") for m in methods for w in m.wrappers]
@@ -148,15 +150,15 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
 
 def preflight_metrics(metrics: list[ComponentSpec]) -> None:
     """Metrics that need local files (clip's weights; fid's Inception and reference folder) check them now, so a
-    missing download stops the run with exit 2 before hours of generation rather than at the first score."""
-    from unlearn_bench.plugins import load_class
+    missing download stops the run with exit 2 before hours of generation rather than at the first score. Every
+    metric class is checked to be a Metric and its preflight hook called (the base class's is a no-op)."""
+    from unlearn_bench.components import DEFAULT_CONTEXT, component_class
+    from unlearn_bench.metrics.base import Metric
 
     for spec in metrics:
-        check = getattr(load_class(spec.module), "preflight", None)
-        if check is None:
-            continue
+        cls = component_class(spec, Metric)
         try:
-            check(spec)
+            cls.preflight(spec, DEFAULT_CONTEXT)
         except (RuntimeError, OSError, ValueError) as exc:
             raise RegistryError(str(exc)) from exc
 
@@ -199,6 +201,8 @@ def request_from(reg: Registry, suite: str | None, model: str | None, concept: s
                  attacks: str | None, metrics: str | None, seeds: str | None) -> RunRequest:
     """CLI fields override the suite's (the registry default suite when none is named). An option given empty
     (`--seeds ""`) is an error rather than a silent fall-back to the suite's value."""
+    from unlearn_bench.external_methods import define_methods
+
     suite_name = _option_name("suite", suite, reg.default_suite())
     s = reg.suite(suite_name)
     seed_list = parse_seeds(seeds) if seeds is not None else s.seeds
@@ -213,7 +217,7 @@ def request_from(reg: Registry, suite: str | None, model: str | None, concept: s
     return RunRequest(
         name=suite_name if (suite or not custom) else "custom",
         model=_option_name("model", model, s.model), concept=concept_name,
-        methods=_option_names("methods", methods, s.methods),
+        methods=define_methods(reg, _option_names("methods", methods, s.methods)),  # LABEL=path:PATH items
         attacks=_option_names("attacks", attacks, s.attacks),
         metrics=metric_names, seeds=seed_list,
     )

@@ -1,5 +1,8 @@
 """The catalogue: registry.yaml loaded into frozen specs, with did-you-mean errors and schema-typed --set overrides.
 
+The catalogue is the registry file merged with installed plug-ins' fragments and include files (bench.includes:
+new names only, explicit `override:` for existing ones, relative paths beside the file that wrote them).
+
 This module must stay light (yaml, difflib, dataclasses only): `bench ls` and `bench --help` import it, and they
 must never import torch. Reading a file checks its structure (bench.catalogue); resolving an entry for a run checks
 its values, names and paths against its schema (bench.schema) - all before any model loads.
@@ -13,14 +16,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from unlearn_bench.catalogue import COMPONENT_KINDS, REF_SECTIONS, SECTIONS, entry_schema, merge, resolve
-from unlearn_bench.catalogue import check_structure as _check_structure
+from unlearn_bench.catalogue import COMPONENT_KINDS, REF_SECTIONS, entry_schema, merge, resolve
 from unlearn_bench.errors import RegistryError as RegistryError
 from unlearn_bench.errors import suggest as suggest
 from unlearn_bench.errors import unknown as unknown
+from unlearn_bench.includes import Source, Where, include_paths, load_layers, locate
 from unlearn_bench.schema import Ctx, PerConcept, SchemaError, SchemaSyntaxError, Type, from_cli, parse_type
 from unlearn_bench.specs import ComponentSpec, ConceptSpec, ModelSpec, PromptSetSpec, SuiteSpec, params, thaw
-from unlearn_bench.yamlio import Lines, load_file
+from unlearn_bench.yamlio import Lines
 from unlearn_bench.yamlio import Loader as _Loader  # noqa: F401 - the loader --set values and registry files share
 
 # The catalogue ships inside the package (bench/registry.yaml links to the top-level registry.yaml, and the wheel
@@ -43,38 +46,51 @@ def parse_value(text: str) -> Any:
 
 @dataclass
 class Registry:
-    """registry.yaml parsed, with override application and spec resolution.
+    """registry.yaml parsed (merged with plug-in fragments and include files: bench.includes), with override
+    application and spec resolution.
 
-    overrides: (section, name) -> {key or dotted key path: value already typed by the entry's schema}."""
+    data: section -> name -> entry as written (a plain dict-of-dicts; code may add entries at plan time).
+    overrides: (section, name) -> {key or dotted key path: value already typed by the entry's schema}.
+    sources/origins/where: the layers, which layer defined each entry, and the layer and line of each key path,
+    so messages cite the file that wrote a value."""
 
     data: dict[str, dict[str, Any]]
     path: Path
     overrides: dict[tuple[str, str], dict[str, Any]]
     lines: Lines = field(default_factory=dict)
+    sources: list[Source] = field(default_factory=list)
+    origins: dict[tuple[str, str], Source] = field(default_factory=dict)
+    overridden: dict[tuple[str, str], list[Source]] = field(default_factory=dict)
+    where: Where = field(default_factory=dict)
 
     # --- loading ---------------------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = ()) -> Registry:
-        """Read and structurally check a registry file, then add (and type-check) each --set override."""
-        path = Path(path or os.environ.get("BENCH_REGISTRY") or DEFAULT_REGISTRY)
-        data, lines = load_file(path)
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise RegistryError(f"{path}: top level must be a mapping of sections {SECTIONS}, got "
-                                f"{type(data).__name__}")
-        bad = sorted(str(k) for k in set(data) - set(SECTIONS) - {"version", "defaults"})
-        if bad:
-            raise RegistryError(f"{path}: unknown section(s) {bad}.{suggest(bad[0], SECTIONS)} Allowed: {SECTIONS}")
-        problems = _check_structure(data, path, lines)
-        if len(problems) == 1:
-            raise RegistryError(problems[0], problems)
-        if problems:
-            raise RegistryError(f"{path}: {len(problems)} problems:\n  - " + "\n  - ".join(problems), problems)
-        reg = cls({s: dict(data.get(s) or {}) for s in SECTIONS} | {"defaults": dict(data.get("defaults") or {})},
-                  path, {}, lines)
+    def load(cls, path: str | Path | None = None, overrides: Iterable[str] = (),
+             includes: Iterable[str | Path] = (), *, env: bool = True) -> Registry:
+        """Read the registry file, merge installed plug-ins' fragments and include files into it (bench.includes),
+        check the structure of the result, then add (and type-check) each --set override.
+
+        env: also honour $BENCH_REGISTRY (the file, when `path` is None), $BENCH_INCLUDE (include files before
+        `includes`) and the `unlearn_bench.registry` entry points (unless $BENCH_NO_PLUGINS is set)."""
+        path = Path(path or (os.environ.get("BENCH_REGISTRY") if env else None) or DEFAULT_REGISTRY)
+        cat = load_layers(path, include_paths(includes, env), plugins=env)
+        reg = cls(cat.data, path, {}, cat.sources[0].lines, cat.sources, cat.origins, cat.overridden, cat.where)
         for item in overrides:
             reg.add_override(item)
         return reg
+
+    @property
+    def includes(self) -> list[Source]:
+        """The layers merged onto the registry file (plug-in fragments, then include files)."""
+        return self.sources[1:]
+
+    def origin(self, section: str, name: str) -> str:
+        """Where an entry came from, for `bench ls`: '' for the registry file, else the include file or plug-in
+        (plus the layers that overrode its fields)."""
+        src = self.origins.get((section, name))
+        own = src.short() if src is not None and src.kind != "registry" else ""
+        over = [s.short() for s in self.overridden.get((section, name), [])]
+        return ", ".join([own] * bool(own) + [f"override in {o}" for o in over])
 
     def ctx(self, check_paths: bool = True) -> Ctx:
         """What schema checks need: the registry's names, and whether paths must exist now (plan time)."""
@@ -185,8 +201,9 @@ class Registry:
             raise RegistryError(exc.message(label)) from None
 
     def _where(self, section: str, name: str, *keys: str) -> str:
-        line = self.lines.get((section, name, *keys)) or self.lines.get((section, name))
-        return f"{self.path}:{line}: {section}.{name}" if line else f"{section}.{name}"
+        """'file:line: section.name' citing the layer that wrote the key (or the entry), or just 'section.name'."""
+        at = locate(self.where, (section, name, *keys), 2)
+        return f"{at}: {section}.{name}" if at else f"{section}.{name}"
 
     # --- specs -----------------------------------------------------------------------------------------------
     def model(self, name: str) -> ModelSpec:

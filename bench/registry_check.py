@@ -3,7 +3,8 @@
 What it adds to the structural check of bench.catalogue: each entry resolved with names and paths checked, each
 component's params and schema covering each other, every `scaled.<group>` value conforming to the schema (for every
 group, not only the groups today's models use, and no group that no model uses), each `module` naming a class that
-exists, and suites naming known entries once each.
+exists (an importable module, or a plug-in file given by path), and suites naming known entries once each. Each
+problem cites the file and line that wrote the entry, which may be an include file (bench.includes).
 
 Why modules are checked statically by default: `bench validate` must stay instant and never import torch (README);
 finding the module file and parsing it proves the module and class exist and the file parses. `import_modules=True`
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from unlearn_bench.catalogue import COMPONENT_KINDS
 from unlearn_bench.errors import RegistryError, suggest
+from unlearn_bench.plugins import is_file_ref, split_ref
 from unlearn_bench.schema import SchemaError
 
 if TYPE_CHECKING:
@@ -43,8 +45,8 @@ def _defined_names(path: Path) -> set[str]:
 
 
 def module_problem(ref: str, import_modules: bool = False) -> str | None:
-    """Why `package.module:Class` does not name a class, or None."""
-    mod, _, attr = ref.partition(":")
+    """Why `package.module:Class` (or `path/to/file.py:Class`) does not name a class, or None."""
+    mod, attr = split_ref(ref)
     if import_modules:
         from unlearn_bench.plugins import load_class
 
@@ -59,18 +61,25 @@ def module_problem(ref: str, import_modules: bool = False) -> str | None:
         except Exception as exc:  # noqa: BLE001 - any import-time failure is the finding to report
             return f"importing '{mod}' failed: {type(exc).__name__}: {exc}"
         return None if isinstance(obj, type) else f"'{ref}' is not a class"
+    if is_file_ref(ref):
+        origin = Path(mod).expanduser().absolute()
+        if not origin.is_file():
+            return (f"plug-in file not found: {origin} (module: {ref})" if not origin.exists() else
+                    f"plug-in path {origin} is not a file (module: {ref})")
+    else:
+        try:
+            spec = importlib.util.find_spec(mod)
+        except (ImportError, ValueError) as exc:
+            return f"cannot find module '{mod}': {exc}"
+        if spec is None:
+            return f"no module named '{mod}' (module: {ref})"
+        if not spec.origin or not spec.origin.endswith(".py"):
+            return None  # a compiled or namespace module: only an import could tell
+        origin = Path(spec.origin)
     try:
-        spec = importlib.util.find_spec(mod)
-    except (ImportError, ValueError) as exc:
-        return f"cannot find module '{mod}': {exc}"
-    if spec is None:
-        return f"no module named '{mod}' (module: {ref})"
-    if not spec.origin or not spec.origin.endswith(".py"):
-        return None  # a compiled or namespace module: only an import could tell
-    try:
-        names = _defined_names(Path(spec.origin))
+        names = _defined_names(origin)
     except (OSError, SyntaxError, UnicodeDecodeError) as exc:
-        return f"cannot read '{mod}' ({spec.origin}): {exc}"
+        return f"cannot read '{mod}' ({origin}): {exc}"
     if attr not in names:
         classes = sorted(n for n in names if n[:1].isupper())
         return f"'{mod}' defines no '{attr}'.{suggest(attr, classes)} Classes there: {', '.join(classes) or 'none'}"
@@ -99,10 +108,11 @@ def validate(reg: Registry, import_modules: bool = False) -> list[str]:
             what = f"{kind} {n}"
             if attempt(what, reg.component, section, n) is None:
                 continue
-            problems.extend(f"{what}: {p}" for p in _scaled_problems(reg, section, n, groups))
+            problems.extend(f"{what}: {reg._where(section, n, 'scaled')}.{p}"
+                            for p in _scaled_problems(reg, section, n, groups))
             problem = module_problem(reg.entry(section, n)["module"], import_modules)
             if problem:
-                problems.append(f"{what}: {problem}")
+                problems.append(f"{what}: {reg._where(section, n, 'module')}.module: {problem}")
     for s in reg.names("suites"):
         suite = attempt(f"suite {s}", reg.suite, s)
         if suite is None:

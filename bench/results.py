@@ -8,31 +8,121 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from unlearn_bench.store import write_json_atomic, write_text_atomic
 
-RECORD_COLUMNS = [
-    "suite", "model", "concept", "method", "attack", "attack_step", "metric", "seed", "value", "stderr", "n",
-    "higher_is_better", "metric_version", "cell_hash", "prompt_set", "sampler", "steps", "guidance",
-    "images_per_prompt", "resolution", "metric_settings", "unlearn_key", "attack_key", "images_key",
-]
+if TYPE_CHECKING:
+    from unlearn_bench.plan import Plan
+    from unlearn_bench.runner import State
+    from unlearn_bench.specs import ComponentSpec
+    from unlearn_bench.store import Entry
+
+
+@dataclass(frozen=True)
+class ResultRow:
+    """One records.csv row: a (model, concept, method, attack, attack_step, metric, seed) result with the evaluation
+    settings the literature disagrees on and the store keys it came from. The field order IS the column order
+    (RECORD_COLUMNS), which committed results and CI baselines compare against: append, never reorder."""
+
+    suite: str
+    model: str
+    concept: str
+    method: str
+    attack: str
+    attack_step: int
+    metric: str
+    seed: int
+    value: float
+    stderr: float
+    n: int
+    higher_is_better: bool
+    metric_version: str
+    cell_hash: str  # the score stage's key (the unlearn stage's for method diagnostics)
+    prompt_set: str
+    sampler: str
+    steps: int
+    guidance: float | str  # the model's guidance, or "per-prompt" when the prompt file gives one per row
+    images_per_prompt: int
+    resolution: int
+    metric_settings: str  # JSON, keys sorted
+    unlearn_key: str
+    attack_key: str
+    images_key: str
+
+    def as_record(self) -> dict[str, Any]:
+        """The row as records.csv holds it (column -> value), in column order."""
+        return {name: getattr(self, name) for name in RECORD_COLUMNS}
+
+
+RECORD_COLUMNS = [f.name for f in fields(ResultRow)]
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "safetensors", "nudenet", "open_clip_torch",
             "torchmetrics", "numpy", "unlearn-bench")
+Row = TypeVar("Row", ResultRow, dict[str, Any])
 
 
-def write_records(path: Path, rows: list[dict[str, Any]]) -> None:
+def settings_json(settings: dict[str, Any]) -> str:
+    """The metric_settings column: the metric's settings as sorted JSON."""
+    return json.dumps(settings, sort_keys=True)
+
+
+def variant_rows(row: Row, meta: dict[str, Any]) -> list[Row]:
+    """The metric's row plus one per named variant it computed from the same images (nudenet@0.5 for each extra
+    NudeNet threshold): one detection pass, one row per setting, each with its own settings column. Works on a
+    ResultRow or on a records.csv row read back as a dict (`bench score`)."""
+    rows = [row]
+    for label, v in meta.get("variants", {}).items():
+        changes = {"metric": label, "value": v["value"], "stderr": v["stderr"], "n": v["n"],
+                   "metric_settings": settings_json(v.get("settings", {}))}
+        rows.append(replace(row, **changes) if isinstance(row, ResultRow) else row | changes)
+    return rows
+
+
+def score_row(plan: Plan, state: State, metric: ComponentSpec, scored: Entry, images: Entry, seed: int,
+              scope: str) -> ResultRow:
+    """The row of one score stage: a metric on the images of one model state and prompt scope."""
+    m, meta = plan.model, scored.meta
+    return ResultRow(
+        suite=plan.name, model=m.name, concept=plan.concept.name, method=state.method, attack=state.attack,
+        attack_step=state.step, metric=metric.name, seed=seed, value=meta["value"], stderr=meta["stderr"],
+        n=meta["n"], higher_is_better=bool(metric.higher_is_better), metric_version=metric.version,
+        cell_hash=scored.key, prompt_set=plan.prompt_sets[scope], sampler=m.sampler, steps=m.steps,
+        guidance="per-prompt" if plan.eval_guidance(scope) else m.guidance, images_per_prompt=m.images_per_prompt,
+        resolution=m.resolution, metric_settings=settings_json(meta.get("settings", {})),
+        unlearn_key=state.unlearn_key or "", attack_key=state.attack_key or "", images_key=images.key)
+
+
+def diagnostic_rows(plan: Plan, method: str, unlearned: Entry | None, seed: int) -> list[ResultRow]:
+    """Method diagnostics as their own metric rows (+meta's gradient alignment at start and end: meta-grad-dot-*),
+    taken from the unlearn stage's manifest."""
+    if unlearned is None:
+        return []
+    m = plan.model
+    return [ResultRow(
+        suite=plan.name, model=m.name, concept=plan.concept.name, method=method, attack="none", attack_step=0,
+        metric="meta-" + key.replace("_", "-"), seed=seed, value=unlearned.meta[key], stderr=float("nan"), n=1,
+        higher_is_better=False, metric_version="1", cell_hash=unlearned.key, prompt_set="", sampler=m.sampler,
+        steps=m.steps, guidance=m.guidance, images_per_prompt=m.images_per_prompt, resolution=m.resolution,
+        metric_settings="{}", unlearn_key=unlearned.key, attack_key="", images_key="")
+        for key in ("grad_dot_start", "grad_dot_end") if unlearned.meta.get(key) is not None]
+
+
+def write_records(path: Path, rows: list[dict[str, Any]] | list[ResultRow]) -> None:
+    """records.csv from ResultRows or their dict form (floats as repr, so values round-trip exactly)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=RECORD_COLUMNS, lineterminator="\n")
     w.writeheader()
     for r in rows:
-        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+        record = r.as_record() if isinstance(r, ResultRow) else r
+        w.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in record.items()})
     write_text_atomic(path, buf.getvalue())
 
 

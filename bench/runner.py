@@ -8,6 +8,11 @@ Every stage key also holds the numeric environment (`numerics`: device, GPU mode
 and for stages that sample, the generation batch size): those change the stored bytes, so a cache filled under
 one setting is never silently reused under another. A task (seed, method, attack) that fails at any stage is
 returned as a failure record and produces no rows; the other tasks go on.
+
+Plug-ins are reached only through their contract (unlearn_bench.methods/attacks/metrics .base, bench.components):
+classes come from registry `module:` strings, every hook is called unconditionally (the base classes define the
+no-ops), attacks are dispatched by class (WeightAttack / PromptAttack), and a metric's own cached stage goes through
+the MetricContext it is bound to. Rows are ResultRows (bench.results), handed on in their records.csv dict form.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from unlearn_bench.attacks.base import Attack, PromptAttack, WeightAttack, neither_kind
+from unlearn_bench.components import MetricContext, MetricResult, build_component
 from unlearn_bench.data import DataRequest, ImageSet
 from unlearn_bench.finite import check_tensors, check_value
 from unlearn_bench.images import load_images, read_caption_folder, save_images
+from unlearn_bench.metrics.base import Metric
 from unlearn_bench.plan import Plan
-from unlearn_bench.plugins import load_class
 from unlearn_bench.progress import Progress
+from unlearn_bench.results import diagnostic_rows, score_row, variant_rows
 from unlearn_bench.specs import ComponentSpec, thaw
 from unlearn_bench.store import Entry, NotCached, StageFailed, Store, sha256_file
 
@@ -162,9 +170,11 @@ class Runner:
         return ImageSet(load_images(entry.file("images"), cap["files"]), cap["captions"])
 
     def unlearn(self, method: ComponentSpec, seed: int) -> Entry | None:
-        if method.module == "unlearn_bench.methods.base:NoUnlearning" and not method.wrappers:
+        """The unlearned weights' delta, or None for a method whose class changes no weights (`none`)."""
+        from unlearn_bench.methods_runtime import build_method, changes_weights
+
+        if not changes_weights(method):
             return None
-        from unlearn_bench.methods_runtime import build_method
 
         c = self.plan.concept
         requests = build_method(method, c).data_requests()
@@ -184,22 +194,30 @@ class Runner:
             delta = model.delta()
             check_tensors(delta, f"unlearn {method.name}", "unlearned weights")
             save_delta(delta, tmp / "delta.safetensors", {"method": method.name})
-            history = result.get("history", [])
+            history = result["history"]
             return {"loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
-                    "changed_tensors": len(delta), **result.get("diagnostics", {})}
+                    "changed_tensors": len(delta), **result["diagnostics"]}
 
         return self._stage("unlearn", inputs, compute, f"unlearn {method.name} seed {seed}")
 
+    def build_attack(self, spec: ComponentSpec) -> WeightAttack | PromptAttack:
+        """The attack object, which must be a WeightAttack or a PromptAttack (the runner dispatches on which)."""
+        attack = build_component(spec, Attack, self.plan.concept)
+        if not isinstance(attack, WeightAttack | PromptAttack):
+            raise TypeError(f"attack {spec.name}: {neither_kind(type(attack))}")
+        return attack
+
     def attack(self, attack_spec: ComponentSpec, unlearned: Entry | None, method: ComponentSpec,
                seed: int) -> list[State]:
-        attack = load_class(attack_spec.module)(attack_spec, self.plan.concept)
+        attack = self.build_attack(attack_spec)
         base_files = [unlearned.file("delta.safetensors")] if unlearned else []
         ukey = unlearned.key if unlearned else None
-        if attack.kind == "prompts":
-            return [self.prompt_attack(attack, attack_spec, method, unlearned, seed)]
+        eval_prompts = dict(attack.eval_prompts(self.plan.prompts))  # {} = the plan's (DreamBooth: its own)
+        if isinstance(attack, PromptAttack):
+            return [self.prompt_attack(attack, attack_spec, method, unlearned, seed, eval_prompts)]
         steps = attack.steps()
         if steps == [0]:
-            return [State(method.name, attack_spec.name, 0, ukey, None, base_files)]
+            return [State(method.name, attack_spec.name, 0, ukey, None, base_files, dict(eval_prompts))]
         req = attack.data_request()
         data_entry = self.data(req, seed, "attack data") if req is not None else None
         inputs = {"model": self.model_id, "unlearned": ukey, "attack": component_identity(attack_spec),
@@ -223,10 +241,14 @@ class Runner:
 
         entry = self._stage("attack", inputs, compute, f"attack {attack_spec.name} on {method.name} seed {seed}")
         # base_files first: a checkpoint may hold only what the attack adds (LoRA factors, or nothing at step 0)
-        rewrite = getattr(attack, "eval_prompts", None)  # an attack may evaluate on its own prompts (DreamBooth)
-        prompts = rewrite(self.plan.prompts) if rewrite else {}
         return [State(method.name, attack_spec.name, s, ukey, entry.key,
-                      [*base_files, entry.file(f"step-{s}.safetensors")], dict(prompts)) for s in steps]
+                      [*base_files, entry.file(f"step-{s}.safetensors")], dict(eval_prompts)) for s in steps]
+
+    def metric(self, spec: ComponentSpec) -> Metric:
+        """The metric object, bound to this runner's context (device, numeric environment, store)."""
+        metric = build_component(spec, Metric, self.plan.concept)
+        metric.bind(MetricContext(device=self.device, numerics=self.numerics, store=self.store))
+        return metric
 
     def judge(self) -> Any:
         """The concept's first binary metric, as a per-image judge for prompt attacks."""
@@ -234,14 +256,14 @@ class Runner:
         spec = next((m for m in self.plan.metrics if m.name == name), None)
         if spec is None:
             raise ValueError(f"prompt attacks need the concept's judge metric '{name}' in --metrics")
-        metric = load_class(spec.module)(spec, self.plan.concept)
-        return metric.judge
+        return self.metric(spec).judge
 
-    def prompt_attack(self, attack: Any, spec: ComponentSpec, method: ComponentSpec, unlearned: Entry | None,
-                      seed: int) -> State:
-        """Adversarial prompt rewrites of the target prompts, found against the unlearned model."""
+    def prompt_attack(self, attack: PromptAttack, spec: ComponentSpec, method: ComponentSpec,
+                      unlearned: Entry | None, seed: int, eval_prompts: dict[str, list[str]]) -> State:
+        """Adversarial rewrites of the target prompts (the attack's eval_prompts' if it gives them), found against
+        the unlearned model."""
         base_files = [unlearned.file("delta.safetensors")] if unlearned else []
-        prompts, seeds = self.plan.prompts["target"], self.plan.eval_seeds("target", seed)
+        prompts, seeds = eval_prompts.get("target", self.plan.prompts["target"]), self.plan.eval_seeds("target", seed)
         judge_name = (self.plan.concept.metrics or ("",))[0]
         guidance = self.plan.eval_guidance("target")  # per-prompt (I2P files) or None = the model's guidance
         inputs = {"model": self.model_id, "unlearned": unlearned.key if unlearned else None,
@@ -263,7 +285,7 @@ class Runner:
         entry = self._stage("attack", inputs, compute, f"attack {spec.name} on {method.name} seed {seed}")
         rewrites = json.loads(entry.file("prompts.json").read_text())["rewrites"]
         return State(method.name, spec.name, 0, unlearned.key if unlearned else None, entry.key, base_files,
-                     {"target": rewrites})
+                     eval_prompts | {"target": rewrites})
 
     def _generate(self, prompts: list[str], seeds: list[int], label: str, guidance: list[float] | None = None) -> Any:
         task = self.progress.add(label, len(prompts))
@@ -296,17 +318,18 @@ class Runner:
     def score(self, images: Entry, metric_spec: ComponentSpec) -> Entry:
         inputs = {"images": images.key, "metric": component_identity(metric_spec),
                   "concept": self.plan.concept.target}
-        metric = load_class(metric_spec.module)(metric_spec, self.plan.concept)
-        if hasattr(metric, "bind"):  # metrics with their own cached stage (fid's reference features) or a device
-            metric.bind(self.store, self.device)
-            metric.numerics = self.numerics  # that stage's key holds the numeric environment too
-        if hasattr(metric, "reference_key"):  # data outside the params (a reference folder's fingerprint)
-            inputs["reference"] = metric.reference_key()
+        metric = self.metric(metric_spec)
+        reference = metric.reference_key()  # data outside the params (fid: its reference folder's features key)
+        if reference is not None:
+            inputs["reference"] = reference
 
         def compute(tmp: Path) -> dict[str, Any]:
             info = json.loads(images.file("images.json").read_text())
             arr = load_images(images.file("images"), info["files"])
             result = metric.score(arr, info["prompts"])
+            if not isinstance(result, MetricResult):
+                raise TypeError(f"metric {metric_spec.name}: score() returned {type(result).__name__}, not a "
+                                f"MetricResult (unlearn_bench.metrics.base)")
             check_value(result.value, f"metric {metric_spec.name}", "value")
             (tmp / "per_image.json").write_text(json.dumps(result.per_image, indent=1, default=str))
             meta = {"value": result.value, "stderr": result.stderr, "n": result.n, "settings": metric.settings()}
@@ -330,7 +353,7 @@ class Runner:
         seed, mi, ai = task
         method, attack_spec = plan.methods[mi], plan.attacks[ai]
         unlearned = self.unlearn(method, seed)
-        rows = self._diagnostic_rows(method, unlearned, seed) if ai == 0 else []
+        rows = diagnostic_rows(plan, method.name, unlearned, seed) if ai == 0 else []
         for state in self.attack(attack_spec, unlearned, method, seed):
             for scope in sorted(plan.prompts):
                 images = self.generate(state, scope, seed)
@@ -338,8 +361,8 @@ class Runner:
                     if metric_spec.params.get("scope", "target") != scope:
                         continue
                     scored = self.score(images, metric_spec)
-                    rows += variant_rows(self._row(state, metric_spec, scored, images, seed, scope), scored.meta)
-        return rows
+                    rows += variant_rows(score_row(plan, state, metric_spec, scored, images, seed, scope), scored.meta)
+        return [r.as_record() for r in rows]
 
     def run(self) -> list[dict[str, Any]]:
         """Every task's rows; the first failure raises (library use and tests; `bench run` uses run_all)."""
@@ -371,45 +394,5 @@ class Runner:
     def failure(self, task: tuple[int, int, int], stage: str, label: str, reason: str) -> dict[str, Any]:
         return failure_record(self.plan, task, stage, label, reason)
 
-    def _diagnostic_rows(self, method: ComponentSpec, unlearned: Entry | None, seed: int) -> list[dict[str, Any]]:
-        """Method diagnostics as their own metric rows (e.g. +meta's gradient alignment at start and end)."""
-        rows = []
-        for key in ("grad_dot_start", "grad_dot_end"):
-            if unlearned is None or unlearned.meta.get(key) is None:
-                continue
-            m = self.plan.model
-            rows.append({
-                "suite": self.plan.name, "model": m.name, "concept": self.plan.concept.name, "method": method.name,
-                "attack": "none", "attack_step": 0, "metric": "meta-" + key.replace("_", "-"), "seed": seed,
-                "value": unlearned.meta[key], "stderr": float("nan"), "n": 1, "higher_is_better": False,
-                "metric_version": "1", "cell_hash": unlearned.key, "prompt_set": "", "sampler": m.sampler,
-                "steps": m.steps, "guidance": m.guidance, "images_per_prompt": m.images_per_prompt,
-                "resolution": m.resolution, "metric_settings": "{}", "unlearn_key": unlearned.key,
-                "attack_key": "", "images_key": "",
-            })
-        return rows
 
-    def _row(self, state: State, metric: ComponentSpec, scored: Entry, images: Entry, seed: int,
-             scope: str) -> dict[str, Any]:
-        m, meta = self.plan.model, scored.meta
-        return {
-            "suite": self.plan.name, "model": m.name, "concept": self.plan.concept.name, "method": state.method,
-            "attack": state.attack, "attack_step": state.step, "metric": metric.name, "seed": seed,
-            "value": meta["value"], "stderr": meta["stderr"], "n": meta["n"],
-            "higher_is_better": bool(metric.higher_is_better), "metric_version": metric.version,
-            "cell_hash": scored.key, "prompt_set": self.plan.prompt_sets[scope], "sampler": m.sampler,
-            "steps": m.steps, "guidance": "per-prompt" if self.plan.eval_guidance(scope) else m.guidance,
-            "images_per_prompt": m.images_per_prompt,
-            "resolution": m.resolution, "metric_settings": json.dumps(meta.get("settings", {}), sort_keys=True),
-            "unlearn_key": state.unlearn_key or "", "attack_key": state.attack_key or "", "images_key": images.key,
-        }
-
-
-def variant_rows(row: dict[str, Any], meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The metric's row plus one per named variant it computed from the same images (nudenet@0.5 for each extra
-    NudeNet threshold): one detection pass, one row per setting, each with its own settings column."""
-    rows = [row]
-    for label, v in meta.get("variants", {}).items():
-        rows.append(row | {"metric": label, "value": v["value"], "stderr": v["stderr"], "n": v["n"],
-                           "metric_settings": json.dumps(v.get("settings", {}), sort_keys=True)})
-    return rows
+__all__ = ["CellFailed", "Runner", "State", "component_identity", "failure_record", "numerics", "variant_rows"]

@@ -37,7 +37,8 @@ Lines = dict[tuple[str, ...], int]
 
 
 def _walk(node: yaml.Node, path: tuple[str, ...], lines: Lines, dups: list[str], seen: set[int]) -> None:
-    """Record the line of every mapping key path and every duplicate key (anchors are walked once)."""
+    """Record the line of every mapping key path (where the key is written) and every duplicate key (anchors are
+    walked once)."""
     if id(node) in seen:
         return
     seen.add(id(node))
@@ -55,6 +56,7 @@ def _walk(node: yaml.Node, path: tuple[str, ...], lines: Lines, dups: list[str],
                             "silently keep the last)")
             else:
                 first[key] = line
+            lines.setdefault((*path, key), line)  # the key's own line (a nested mapping's value starts below it)
             _walk(value_node, (*path, key), lines, dups, seen)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):

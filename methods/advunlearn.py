@@ -211,8 +211,8 @@ class AdvUnlearn(Method):
                                                                       e_r.float())
         return loss
 
-    @property
-    def diagnostics(self) -> dict[str, Any]:
+    def finish(self, model: Any, seed: int) -> None:
+        """The inner attack's last round (first and last loss) and how many rounds ran, as diagnostics."""
         h = self.__dict__.get("attack_history") or []
-        return {"attack_rounds": len(h), "attack_loss_first": h[-1][0] if h else None,
-                "attack_loss_last": h[-1][-1] if h else None}
+        self.diagnostics = {"attack_rounds": len(h), "attack_loss_first": h[-1][0] if h else None,
+                            "attack_loss_last": h[-1][-1] if h else None}

@@ -84,7 +84,6 @@ class Meta(Method):
         super().__init__(spec, concept)
         self.inner = inner
         self.closed_form = False
-        self.diagnostics: dict[str, float] = {}
 
     # --- data ------------------------------------------------------------------------------------------------
     def data_requests(self) -> dict[str, DataRequest]:
@@ -113,6 +112,7 @@ class Meta(Method):
         self.inner.data = {k: v for k, v in self.data.items() if not k.startswith("meta-")}
         if self.inner.closed_form:
             model.snapshot()
+            self.inner.prepare(model, seed)
             self.inner.apply(model, seed)
             # meta-train what the edit changed; an edit that changed nothing (`none+meta`) leaves the whole UNet
             self.edited = sorted(model.delta()) or sorted(n for n in model.named_parameters() if n.startswith("unet."))
@@ -128,6 +128,7 @@ class Meta(Method):
         self.__dict__.pop("shadow", None)
 
     def finish(self, model: Any, seed: int) -> None:
+        self.inner.finish(model, seed)
         self.diagnostics["grad_dot_end"] = self.gradient_alignment(model, seed)
 
     def trainable(self, model: Any) -> dict[str, torch.nn.Parameter]:

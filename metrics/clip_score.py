@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from unlearn_bench.components import DEFAULT_CONTEXT, MetricContext
 from unlearn_bench.metrics.base import Metric, MetricResult
 
 
@@ -65,6 +66,8 @@ def resolve_weights(model: str, pretrained: str | None) -> tuple[str | None, dic
     if hub:
         from huggingface_hub import try_to_load_from_cache
 
+        from unlearn_bench.models.loading import download_command
+
         repo, filename = os.path.split(hub)  # open_clip's convention: "org/name/" (default file) or "org/name/file"
         names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
         for name in names:
@@ -72,7 +75,7 @@ def resolve_weights(model: str, pretrained: str | None) -> tuple[str | None, dic
             if isinstance(hit, str) and os.path.isfile(hit):
                 return hit, cfg
         tried.append(f"the HF cache ({repo})")
-        fetch.append(f"huggingface-cli download {repo} {names[0]}")
+        fetch.append(download_command(repo, names[0]))
     if url:
         local = Path("~/.cache/clip").expanduser() / os.path.basename(url)
         if local.is_file():
@@ -113,10 +116,9 @@ class ClipScore(Metric):
         self.pretrained = None if p.get("pretrained") in (None, "", "none") else str(p["pretrained"])
         self.model_config = p.get("model_config") or None
         self.scale = float(p.get("scale", 100.0))
-        self.device = "cpu"
 
     @classmethod
-    def preflight(cls, spec: Any) -> None:
+    def preflight(cls, spec: Any, context: MetricContext = DEFAULT_CONTEXT) -> None:
         """At plan time: the weights must be local (raises ClipWeightsMissing naming what to download)."""
         from unlearn_bench.compat import ensure_torchvision_importable
 
@@ -130,9 +132,6 @@ class ClipScore(Metric):
         pre = spec.params.get("pretrained")
         resolve_weights(str(spec.params.get("model", "ViT-L-14")), None if pre in (None, "", "none") else str(pre))
 
-    def bind(self, store: Any, device: str) -> None:
-        self.device = device
-
     def settings(self) -> dict[str, Any]:
         out = super().settings()
         out["backbone"] = f"{self.model_name}/{self.pretrained or 'random-init'}"
@@ -143,13 +142,14 @@ class ClipScore(Metric):
         import torch
         from PIL import Image
 
-        net, preprocess, tokenizer = load_clip(self.model_name, self.pretrained, self.model_config, self.device)
+        device = self.context.device
+        net, preprocess, tokenizer = load_clip(self.model_name, self.pretrained, self.model_config, device)
         img_out, txt_out = [], []
         with torch.no_grad():
             for i in range(0, len(images), batch_size):
                 batch = torch.stack([preprocess(Image.fromarray(im)) for im in images[i:i + batch_size]])
-                img_out.append(net.encode_image(batch.to(self.device)).float())
-                txt_out.append(net.encode_text(tokenizer(prompts[i:i + batch_size]).to(self.device)).float())
+                img_out.append(net.encode_image(batch.to(device)).float())
+                txt_out.append(net.encode_text(tokenizer(prompts[i:i + batch_size]).to(device)).float())
         img = torch.nn.functional.normalize(torch.cat(img_out), dim=-1)
         txt = torch.nn.functional.normalize(torch.cat(txt_out), dim=-1)
         return img.cpu(), txt.cpu()

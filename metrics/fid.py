@@ -7,10 +7,11 @@ FrechetInceptionDistance / KernelInceptionDistance with the standard FID Incepti
 `inception-v3-compat` port of the TF graph, 2048-d pool features), so numbers match torchmetrics and torch-fidelity.
 
 Why the reference is a store stage ("fid-ref"): its features cost as much as the generated ones, and every cell of
-the matrix shares them. The stage is keyed by the folder's content fingerprint (file names and sizes, not its path,
-so a moved copy still hits) and the extractor; the same key enters the score stage, so changed reference images
-re-score. Reference images are centre-cropped and resized to `ref_resolution` (the generator's resolution), so both
-sets reach the extractor's own 299 px resize the same way.
+the matrix shares them. The stage runs through the MetricContext the runner binds (context.cached), so its key
+holds the numeric environment like every other stage's; it is keyed by the folder's content fingerprint (file names
+and sizes, not its path, so a moved copy still hits) and the extractor; the same key enters the score stage, so
+changed reference images re-score. Reference images are centre-cropped and resized to `ref_resolution` (the
+generator's resolution), so both sets reach the extractor's own 299 px resize the same way.
 
 Standard error: FID has none in closed form; we report the std of FID over `bootstrap` resamples of the generated
 features (0 = none). KID reports torchmetrics' std over its random subsets (seeded here).
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from unlearn_bench.components import DEFAULT_CONTEXT, MetricContext
 from unlearn_bench.images import IMAGE_SUFFIXES
 from unlearn_bench.metrics.base import Metric, MetricResult
 
@@ -87,14 +89,11 @@ def _passthrough(dim: int) -> Any:
     return Passthrough()
 
 
-def resolve_reference(reference: str | None) -> Path:
+def resolve_reference(reference: str | None, context: MetricContext) -> Path:
     if not reference:
         raise FidUnavailable("fid: no reference set; pass a folder of real images, e.g. --set "
                              "metric.fid.reference=/data/coco-10k-images (README: 'Metrics: fid')")
-    from unlearn_bench.prompts import resolve_file
-    from unlearn_bench.registry import DEFAULT_REGISTRY
-
-    folder = resolve_file(str(reference), DEFAULT_REGISTRY)
+    folder = context.resolve_path(str(reference))
     if not folder.is_dir():
         raise FidUnavailable(f"fid: reference folder {folder} not found (relative paths resolve under $BENCH_DATA "
                              f"when set, else the project root); README 'Metrics: fid' says how to build it")
@@ -131,15 +130,13 @@ class FID(Metric):
         self.ref_resolution = int(p.get("ref_resolution", 512))
         self.bootstrap = int(p.get("bootstrap", 10))
         self.extractor = extractor  # injected (tests, custom backbones); else the standard Inception
-        self.store: Any = None
-        self.device = "cpu"
         self._ref_n = 0
 
     # --- plumbing --------------------------------------------------------------------------------------------
     @classmethod
-    def preflight(cls, spec: Any) -> None:
+    def preflight(cls, spec: Any, context: MetricContext = DEFAULT_CONTEXT) -> None:
         """At plan time: the reference folder, torch-fidelity and the Inception weights must all be local."""
-        folder = resolve_reference(spec.params.get("reference"))
+        folder = resolve_reference(spec.params.get("reference"), context)
         if not _listing(str(folder)):
             raise FidUnavailable(f"fid: reference folder {folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
         import importlib.util
@@ -148,9 +145,6 @@ class FID(Metric):
             raise FidUnavailable("fid: the standard Inception extractor needs torch-fidelity: "
                                  "pip install torch-fidelity (the project's [fid] extra)")
         inception_weights(spec.params.get("weights") or None, spec.name)
-
-    def bind(self, store: Any, device: str) -> None:
-        self.store, self.device = store, device
 
     def extractor_identity(self) -> dict[str, Any]:
         if self.extractor is not None:
@@ -164,22 +158,20 @@ class FID(Metric):
         return {"inception": "torch-fidelity inception-v3-compat", "feature": self.feature, "weights": INCEPTION_FILE}
 
     def reference_inputs(self) -> dict[str, Any]:
-        folder = resolve_reference(self.spec.params.get("reference"))
+        """The fid-ref stage's own inputs (the context adds the numeric environment: threads and device change the
+        features' bytes)."""
+        folder = resolve_reference(self.spec.params.get("reference"), self.context)
         listing = _listing(str(folder))
         digest = hashlib.sha256(repr(listing).encode()).hexdigest()[:16]
-        out = {"reference": {"files": len(listing), "digest": digest}, "extractor": self.extractor_identity(),
-               "ref_resolution": self.ref_resolution}
-        numerics = getattr(self, "numerics", None)  # set by the runner: threads/device change the features' bytes
-        return out | ({"numerics": numerics} if numerics else {})
+        return {"reference": {"files": len(listing), "digest": digest}, "extractor": self.extractor_identity(),
+                "ref_resolution": self.ref_resolution}
 
     def reference_key(self) -> str:
-        from unlearn_bench.store import stage_key
-
-        return stage_key("fid-ref", self.reference_inputs())
+        return self.context.key("fid-ref", self.reference_inputs())
 
     def settings(self) -> dict[str, Any]:
         out = super().settings()
-        out["reference"] = str(resolve_reference(out.get("reference")))
+        out["reference"] = str(resolve_reference(out.get("reference"), self.context))
         out["n_reference"] = self._ref_n or len(_listing(out["reference"]))
         out["extractor"] = self.extractor_identity().get("custom", f"inception-v3-compat/{self.feature}")
         out["backend"] = "torchmetrics"
@@ -188,7 +180,8 @@ class FID(Metric):
     # --- features --------------------------------------------------------------------------------------------
     def _net(self) -> Any:
         if self.extractor is None:
-            self.extractor = inception(self.feature, str(inception_weights(self.weights, self.spec.name)), self.device)
+            weights = str(inception_weights(self.weights, self.spec.name))
+            self.extractor = inception(self.feature, weights, self.context.device)
         return self.extractor
 
     def features(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -205,7 +198,7 @@ class FID(Metric):
 
     def reference_features(self) -> np.ndarray:
         """Features of the reference folder: computed once per (content, extractor, resolution) in the store."""
-        folder = resolve_reference(self.spec.params.get("reference"))
+        folder = resolve_reference(self.spec.params.get("reference"), self.context)
         names = [n for n, _ in _listing(str(folder))]
 
         def compute(tmp: Path) -> dict[str, Any]:
@@ -215,15 +208,8 @@ class FID(Metric):
             np.save(tmp / "features.npy", arr)
             return {"n": int(arr.shape[0]), "dim": int(arr.shape[1]), "folder": str(folder)}
 
-        if self.store is None:  # no store bound (direct use): compute, do not cache
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as tmp:
-                compute(Path(tmp))
-                feats = np.load(Path(tmp) / "features.npy")
-        else:
-            entry = self.store.get_or_compute("fid-ref", self.reference_inputs(), compute)
-            feats = np.load(entry.file("features.npy"))
+        entry = self.context.cached("fid-ref", self.reference_inputs(), compute)  # no store: once per process
+        feats = np.load(entry.file("features.npy"))
         self._ref_n = len(feats)
         return feats.astype(np.float64)
 

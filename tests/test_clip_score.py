@@ -84,7 +84,7 @@ def test_missing_weights_stop_planning_with_the_download_command(monkeypatch, tm
 
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.cache/clip
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
-    with pytest.raises(ClipWeightsMissing, match="huggingface-cli download timm/vit_large_patch14_clip_224.openai"):
+    with pytest.raises(ClipWeightsMissing, match="hf download timm/vit_large_patch14_clip_224.openai"):
         resolve_weights("ViT-L-14", "openai")
     with pytest.raises(ClipWeightsMissing, match="neither a pretrained tag"):
         resolve_weights("ViT-L-14", "no-such-tag")

@@ -64,11 +64,12 @@ def frechet(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_fid_equals_the_closed_form_and_orders_distributions(reference, tiny_extractor, tmp_path):
+    from unlearn_bench.components import MetricContext
     from unlearn_bench.metrics.fid import FID
     from unlearn_bench.store import Store
 
     metric = FID(spec(reference=str(reference)), None, extractor=tiny_extractor)
-    metric.bind(Store(tmp_path / "store"), "cpu")
+    metric.bind(MetricContext(store=Store(tmp_path / "store")))
     near, far = noise(16, 60, 180, 2), noise(16, 170, 255, 3)
     r_near, r_far = metric.score(near, ["p"] * 16), metric.score(far, ["p"] * 16)
     expected = frechet(metric.features(near), metric.reference_features())
@@ -82,6 +83,7 @@ def test_fid_equals_the_closed_form_and_orders_distributions(reference, tiny_ext
 def test_reference_features_are_one_store_stage_keyed_by_content(reference, tiny_extractor, tmp_path):
     from PIL import Image
 
+    from unlearn_bench.components import MetricContext
     from unlearn_bench.metrics.fid import FID, _listing
     from unlearn_bench.store import Store
 
@@ -89,7 +91,7 @@ def test_reference_features_are_one_store_stage_keyed_by_content(reference, tiny
     a = FID(spec(reference=str(reference)), None, extractor=tiny_extractor)
     b = FID(spec(reference=str(reference)), None, extractor=tiny_extractor)
     for m in (a, b):
-        m.bind(store, "cpu")
+        m.bind(MetricContext(store=store))
         m.score(noise(8, 60, 180, 4), ["p"] * 8)
     assert store.counts == {"computed": 1, "cached": 1}
     entry = store.lookup("fid-ref", a.reference_key())
@@ -102,6 +104,7 @@ def test_reference_features_are_one_store_stage_keyed_by_content(reference, tiny
 
 def test_runner_score_stage_carries_the_reference_key(reference, tiny_extractor, tmp_path, monkeypatch, registry):
     import unlearn_bench.metrics.fid as fid
+    from unlearn_bench.components import MetricContext
     from unlearn_bench.images import save_images
     from unlearn_bench.plan import Plan
     from unlearn_bench.runner import Runner
@@ -121,7 +124,7 @@ def test_runner_score_stage_carries_the_reference_key(reference, tiny_extractor,
     runner = Runner(Plan("t", registry.model("tiny"), registry.concept("nudity"), [], [], [s], [0]), store)
     scored = runner.score(images, s)
     bare = fid.FID(s, None)
-    bare.numerics = runner.numerics  # the runner gives the reference stage its numeric environment
+    bare.bind(MetricContext(numerics=runner.numerics))  # the runner's context: the reference stage's numerics
     assert scored.manifest["inputs"]["reference"] == bare.reference_key()
     ref = next(m for m in store.root.rglob("manifest.json") if m.parent.parent.parent.name == "fid-ref")
     assert json.loads(ref.read_text())["inputs"]["numerics"] == runner.numerics

@@ -93,7 +93,7 @@ def test_missing_real_weights_exit_2_naming_the_download(tmp_path):
     env_cmd = _run_cli("run", "--model", "sd14", "--methods", "none", "--attacks", "none", "--quiet",
                        "--out", str(tmp_path / "o"), "--set", f"model.sd14.path={tmp_path / 'nowhere'}")
     assert env_cmd.returncode == 2
-    assert "CompVis/stable-diffusion-v1-4" in env_cmd.stderr and "huggingface-cli download" in env_cmd.stderr
+    assert "hf download CompVis/stable-diffusion-v1-4 --exclude" in env_cmd.stderr
 
 
 def test_esd_variants_keep_their_parameter_set_on_every_model():

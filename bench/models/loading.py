@@ -83,6 +83,23 @@ def check_safetensors(path: str | Path) -> None:
                              f"the file is {'truncated' if data < end else 'padded or corrupt'}")
 
 
+PICKLE_GLOBS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+
+
+def download_command(repo: str, *files: str, exclude: tuple[str, ...] = PICKLE_GLOBS) -> str:
+    """The shell command that fetches `repo` (or only `files` of it) into the HF cache, for the pinned
+    huggingface-hub (its `hf` CLI: huggingface-cli is gone). Each glob gets its own --exclude (the option takes one
+    value; a second bare glob would be read as a file name). A test runs every hint with --dry-run offline and
+    checks the CLI accepts it."""
+    import shlex
+
+    parts = ["hf", "download", repo, *files]
+    if not files:
+        for glob in exclude:
+            parts += ["--exclude", glob]
+    return shlex.join(parts)
+
+
 def _convert_hint(spec: ModelSpec, what: Path, single_file: bool) -> str:
     loader = "StableDiffusionXLPipeline" if spec.kind == "sdxl" else "StableDiffusionPipeline"
     load = (f"P.from_single_file('{what}')" if single_file else f"P.from_pretrained('{what}', use_safetensors=False)")
@@ -91,8 +108,7 @@ def _convert_hint(spec: ModelSpec, what: Path, single_file: bool) -> str:
             f".save_pretrained('OUT', safe_serialization=True)\"\n"
             f"and pass --set model.{spec.name}.path=OUT")
     if spec.hub_id:
-        hint += (f"; or download the safetensors weights: huggingface-cli download {spec.hub_id} "
-                 f"--exclude '*.bin' '*.ckpt'")
+        hint += f"; or download the safetensors weights: {download_command(spec.hub_id)}"
     return hint
 
 
@@ -178,7 +194,7 @@ def check_available(spec: ModelSpec) -> None:
     where = f"the local path {spec.path} (no model_index.json there)" if spec.path else f"the HF cache ({cache})"
     raise WeightsMissing(
         f"model '{spec.name}' ({spec.hub_id}) was not found in {where}. Download it on a machine with internet:\n"
-        f"    huggingface-cli download {spec.hub_id} --exclude '*.ckpt' '*.bin'\n"
+        f"    {download_command(spec.hub_id)}\n"
         f"then either keep the HF cache ({cache}) or copy the snapshot folder and pass "
         f"--set model.{spec.name}.path=/path/to/folder (or set BENCH_MODEL_{spec.name.upper()}_PATH). "
         f"To let the harness download it itself, pass --set model.{spec.name}.allow_download=true."

@@ -156,8 +156,10 @@ def run(
     check_run_options(device, batch_size, workers, executor, gpus, gpus_per_job, time)
     if threads < 0:
         fail(f"--threads {threads}: must be >= 0 (0 = the default split)")
-    reg = _registry(registry, set_, include)
-    try:
+    from unlearn_bench.external_methods import registry_for_run
+
+    try:  # --methods LABEL=path:PATH labels exist before --set is applied (--set method.LABEL.allow_pickle=true)
+        reg = registry_for_run(registry, set_ or [], methods, include)
         req = request_from(reg, suite, model, concept, methods, attacks, metrics, seeds)
         plan = make_plan(reg, req)
     except RegistryError as exc:

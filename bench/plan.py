@@ -33,6 +33,9 @@ class Plan:
     fixed_seeds: dict[str, list[int | None]] = field(default_factory=dict)
     guidance: dict[str, list[float]] = field(default_factory=dict)
     prompt_sources: dict[str, dict[str, Any]] = field(default_factory=dict)  # scope -> file, format, sha256
+    # The catalogue's layers (registry file, plug-in fragments, include files) for run.json: re-scoring or
+    # re-running needs the same includes, and a reader needs to know where a plug-in entry came from.
+    catalogue: list[dict[str, str]] = field(default_factory=list)
 
     def eval_seeds(self, scope: str, seed: int) -> list[int]:
         """Per-image generation seeds: derived from (run seed, scope, prompt, repeat index), so a seed's
@@ -63,7 +66,7 @@ class Plan:
                 "methods": [thaw(m.__dict__) for m in self.methods],
                 "attacks": [thaw(a.__dict__) for a in self.attacks],
                 "metrics": [thaw(m.__dict__) for m in self.metrics], "seeds": self.seeds,
-                "prompt_sets": self.prompt_sets, "prompt_sources": self.prompt_sources}
+                "prompt_sets": self.prompt_sets, "prompt_sources": self.prompt_sources, "catalogue": self.catalogue}
 
 
 def _csv_names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -109,6 +112,8 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
     if problems:
         raise RegistryError("; ".join(problems))
     plan = Plan(req.name, model, concept, methods, attacks, metrics, list(req.seeds))
+    plan.catalogue = [{"kind": s.kind, "source": s.name} | ({"dist": s.dist} if s.dist else {})
+                      for s in reg.sources]
     scopes = {m.params.get("scope", "target") for m in metrics}
     for scope in sorted(scopes):
         if scope == "target":

@@ -38,13 +38,26 @@ from unlearn_bench.store import Entry, NotCached, StageFailed, Store, sha256_fil
 def component_identity(spec: ComponentSpec) -> dict[str, Any]:
     """What makes a component's result differ: its implementation, version and parameters (never its name, so
     esd and esd-u with identical parameters share one cached model)."""
-    ident = {"module": spec.module, "version": spec.version,
+    ident = {"module": _module_identity(spec.module), "version": spec.version,
              "params": {k: v for k, v in thaw(spec.params).items() if k not in spec.location_params}}
     if spec.fingerprint:  # external content (a checkpoint) by digest, never by where it lives
         ident["content"] = spec.fingerprint
     if spec.wrappers:
         ident["wrappers"] = [component_identity(w) for w in spec.wrappers]
     return ident
+
+
+def _module_identity(ref: str) -> str:
+    """A plug-in loaded from a file (`path/to/my_method.py:Class`) is known by its content, not where it lives:
+    moving the folder keeps the cache, editing the code recomputes. Importable modules are known by name."""
+    from unlearn_bench.plugins import is_file_ref, split_ref
+
+    if not is_file_ref(ref):
+        return ref
+    from unlearn_bench.digests import file_digest
+
+    path, cls = split_ref(ref)
+    return f"file-sha256:{file_digest(path)}:{cls}"
 
 
 class CellFailed(RuntimeError):

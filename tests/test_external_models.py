@@ -380,3 +380,26 @@ def test_sd_base_shapes_come_from_folder_headers_and_clip_names_match_across_tra
     load_into(m, detect(str(sd / "text_encoder")))  # transformers-4 names into the transformers-5 model
     assert_same_tensors(m.delta(), world.te_delta)
     m.load_state([])
+
+
+def test_exported_esd_reimported_gives_identical_records(world, files):
+    """The round trip a user makes: the harness's own esd, exported by `bench export` as a diffusers pipeline and as
+    only its changed component, then evaluated as an external method - the same records as esd itself."""
+    w = world
+    full, unet_only = w.root / "export-full", w.root / "export-unet"
+    for to, extra in ((full, ()), (unet_only, ("--only-changed",))):
+        result = CliRunner().invoke(app, ["export", str(w.root / "esd"), "--method", "esd", "--to", str(to),
+                                          "--store", str(w.store), *extra])
+        assert result.exit_code == 0, result.output
+    assert (full / "model_index.json").is_file() and not (unet_only / "text_encoder").exists()
+    code, output = bench(w, "roundtrip", "--methods", f"pipe=path:{full},unet=path:{unet_only / 'unet'}",
+                         "--attacks", "none,ft-lr1e-5")
+    assert code == 0, output
+    rows = records(w.root / "roundtrip")
+    for label in ("pipe", "unet"):
+        mine = {k[1:]: r for k, r in rows.items() if k[0] == label}
+        esd = {k[1:]: r for k, r in w.esd.items() if k[0] == "esd"}
+        assert mine.keys() == esd.keys() and len(mine) == 3
+        for cell, row in mine.items():
+            assert {f: row[f] for f in VALUE} == {f: esd[cell][f] for f in VALUE}, (label, cell)
+        assert_same_tensors(unlearned(w, mine[("none", "0", "nudenet")]["unlearn_key"]), w.esd_delta)

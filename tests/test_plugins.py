@@ -7,6 +7,7 @@ together with a plug-in metric from a second include in a temporary folder."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -127,7 +128,9 @@ def run_example(tmp_path: Path, extra: Path, *more: str) -> Path:
     unlearn = [json.loads(p.read_text()) for p in store.rglob("manifest.json")]
     unlearn = [m for m in unlearn if m["stage"] == "unlearn"]
     assert len(unlearn) == 1  # `none` trains nothing; the plug-in did, loaded from its file path
-    assert unlearn[0]["inputs"]["method"]["module"] == f"{EXAMPLE / 'my_method.py'}:NegativePromptFinetune"
+    # keyed by the plug-in file's content, not its path: moving the folder keeps the cache, editing recomputes
+    digest = hashlib.sha256((EXAMPLE / "my_method.py").read_bytes()).hexdigest()
+    assert unlearn[0]["inputs"]["method"]["module"] == f"file-sha256:{digest}:NegativePromptFinetune"
     assert unlearn[0]["meta"]["changed_tensors"] > 0 and math.isfinite(unlearn[0]["meta"]["loss_last"])
     return store
 

@@ -20,6 +20,24 @@ toy_app = typer.Typer(no_args_is_help=True, help="The toy world: build (train) t
 app.add_typer(toy_app, name="toy")
 app.add_typer(store_app, name="store")
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("unlearn-bench")
+        except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+            version = "unknown (not installed)"
+        typer.echo(f"unlearn-bench {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the installed version and exit")] = False) -> None:
+    """Relearning-robustness benchmark for concept unlearning in text-to-image diffusion models."""
+
+
 LS_SECTIONS = ("methods", "attacks", "metrics", "models", "concepts", "suites", "prompt_sets", "wrappers")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(?::\d+)?")
 GPUS = re.compile(r"all|\d+(?:-\d+)?(?:\s*,\s*\d+(?:-\d+)?)*")

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,9 @@ def test_wheel_holds_the_package_data_and_no_generic_names(installed: dict[str, 
 
 
 def test_installed_cli_lists_and_runs_the_smoke_suite(installed: dict[str, Path]) -> None:
+    version = _run(installed, "--version")
+    expected = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    assert version.returncode == 0 and version.stdout.strip() == f"unlearn-bench {expected}", version.stdout
     ls = _run(installed, "ls", "methods")
     assert ls.returncode == 0, ls.stderr
     assert "esd" in ls.stdout and "uce" in ls.stdout

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -92,13 +93,46 @@ def ls(section: Annotated[str, typer.Argument(help=f"one of {', '.join(LS_SECTIO
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=section, show_lines=False)
+    table = Table(title=section, show_lines=False, caption_justify="left", caption="details, every value and where "
+                  f"it is set: bench show {'prompt-set' if section == 'prompt_sets' else section[:-1]} NAME")
     origins = {name: reg.origin(section, name) for name in reg.names(section)}
     for col in ("name", "description", "paper / source", *(("from",) if any(origins.values()) else ())):
         table.add_column(col, overflow="fold")
     for name, desc, extra in reg.describe(section):
         table.add_row(name, desc, extra, *((origins[name],) if any(origins.values()) else ()))
     Console().print(table)
+
+
+@app.command("show")
+def show_cmd(
+    kind: Annotated[str, typer.Argument(help="method, attack, metric, wrapper, model, concept, suite or prompt-set")],
+    name: Annotated[str, typer.Argument(help="the entry, e.g. esd, esd+meta, ft-lr1e-5, nudenet, nudity, toy")],
+    model: Annotated[str | None, typer.Option(help="only this model's parameter group, e.g. toy, tiny, sd14")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. method.esd.lr=1e-4")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the entry as JSON")] = False,
+    registry: RegistryOpt = None,
+    include: IncludeOpt = None,
+) -> None:
+    """Show one registry entry: every parameter with its type, value per model group, and where each comes from.
+
+    Examples: `bench show method esd`, `bench show attack ft-lr1e-5 --model toy`, `bench show method esd+meta`,
+    `bench show concept nudity`, `bench show model sd14`."""
+    from unlearn_bench.show import render, show_data
+
+    reg = _registry(registry, set_, include)
+    try:
+        data = show_data(reg, kind, name, model)
+    except RegistryError as exc:
+        fail(str(exc))
+        raise  # unreachable
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(data, indent=2, default=str))
+        return
+    from rich.console import Console
+
+    Console().print(render(data))
 
 
 @app.command()
@@ -124,56 +158,87 @@ def validate(file: Annotated[Path | None, typer.Argument(help="registry YAML to 
     typer.echo(f"{reg.path}{merged}: OK ({', '.join(f'{len(reg.names(s))} {s}' for s in LS_SECTIONS)})")
 
 
-def check_run_options(device: str, batch_size: int, workers: int, executor: str, gpus: str | None,
-                      gpus_per_job: int, time_limit: int) -> None:
-    """Options that need no registry, checked before planning and without importing torch."""
-    if not DEVICE.fullmatch(device):
-        fail(f"--device {device!r}: allowed: auto, cpu, cuda, cuda:N (e.g. cuda:1), mps")
+def check_run_options(batch_size: int, workers: int, gpus: str | None, gpus_per_job: int, time_limit: int) -> None:
+    """Options that need no registry, checked before planning and without importing torch (--device and
+    --executor are checked by their option callbacks, while the command line is parsed)."""
     for option, value in (("--batch-size", batch_size), ("--workers", workers), ("--gpus-per-job", gpus_per_job),
                           ("--time", time_limit)):
         if value < 1:
             fail(f"{option} {value}: must be >= 1")
-    if executor not in EXECUTORS:
-        fail(f"--executor {executor!r}: allowed: {', '.join(EXECUTORS)}.{suggest(executor, EXECUTORS)}")
     if gpus is not None and not GPUS.fullmatch(gpus.strip()):
         fail(f"--gpus {gpus!r}: expected GPU indices like 0,1 or a range 0-3, or all")
 
 
+def device_option(value: str) -> str:
+    """--device: auto, cpu, mps, cuda or cuda:N (typer reports a bad value with the usage, exit 2)."""
+    if not DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r}: allowed: auto, cpu, cuda, cuda:N (e.g. cuda:1), mps")
+    return value
+
+
+def executor_option(value: str) -> str:
+    """--executor: one of EXECUTORS, with the nearest name when it is a typo (a plain choice list would not say)."""
+    if value not in EXECUTORS:
+        raise typer.BadParameter(f"{value!r}:{suggest(value, EXECUTORS) or ''} allowed: {', '.join(EXECUTORS)}")
+    return value
+
+
+def _panel(title: str) -> Any:
+    """typer.Option placed in one group of `bench run --help`."""
+    return functools.partial(typer.Option, rich_help_panel=title)
+
+
+What, Where, How, Slurm, Output = map(_panel, ("What to run", "Where", "How (device, workers, executor)", "Slurm",
+                                                "Output"))
+
+
 @app.command()
 def run(
-    suite: Annotated[str | None, typer.Option(help="named preset (default: the registry's default suite)")] = None,
-    model: Annotated[str | None, typer.Option(help="model name, e.g. toy, tiny, sd14")] = None,
-    concept: Annotated[str | None, typer.Option(help="concept to erase, e.g. nudity, red")] = None,
-    methods: Annotated[str | None, typer.Option(help="comma list, e.g. none,esd,esd+meta")] = None,
-    attacks: Annotated[str | None, typer.Option(help="comma list, e.g. none,ft-lr1e-5")] = None,
-    metrics: Annotated[str | None, typer.Option(help="comma list, e.g. nudenet")] = None,
-    seeds: Annotated[str | None, typer.Option(help="comma list of seeds, e.g. 0,1,2")] = None,
-    out: Annotated[Path | None, typer.Option(help="output directory (default results/<suite or run name>)")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. method.esd.lr=1e-4")] = None,
-    store: Annotated[Path | None, typer.Option(help="artifact store (default $BENCH_CACHE or <out>/../.store)")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1")] = "auto",
-    batch_size: Annotated[int, typer.Option(
+    suite: Annotated[str | None, What(help="named preset (default: the registry's default suite)")] = None,
+    model: Annotated[str | None, What(help="model name, e.g. toy, tiny, sd14")] = None,
+    concept: Annotated[str | None, What(help="concept to erase, e.g. nudity, red")] = None,
+    methods: Annotated[str | None, What(help="comma list, e.g. none,esd,esd+meta")] = None,
+    attacks: Annotated[str | None, What(help="comma list, e.g. none,ft-lr1e-5")] = None,
+    metrics: Annotated[str | None, What(help="comma list, e.g. nudenet")] = None,
+    seeds: Annotated[str | None, What(help="comma list of seeds, e.g. 0,1,2")] = None,
+    set_: Annotated[list[str] | None, What("--set", help="override, e.g. method.esd.lr=1e-4")] = None,
+    registry: Annotated[Path | None, What("--registry", help="registry YAML (default: the project's)")] = None,
+    include: Annotated[list[Path] | None, What(
+        "--include", help="a registry file merged into the catalogue (new entries; `override:` for existing ones); "
+                          "repeatable, after those in $BENCH_INCLUDE (os.pathsep-separated)")] = None,
+    out: Annotated[Path | None, Where(help="output directory (default results/<suite or run name>)")] = None,
+    store: Annotated[Path | None, Where(envvar="BENCH_CACHE", show_envvar=True,
+                                        help="artifact store (default: $BENCH_CACHE, else <out>/../.store)")] = None,
+    device: Annotated[str, How(help="auto, cpu, cuda, cuda:1, mps", callback=device_option)] = "auto",
+    workers: Annotated[int, How(help="CPU worker processes sharing the store")] = 1,
+    gpus: Annotated[str | None, How(help="one worker per GPU: 0,1 or 0-7 or all")] = None,
+    executor: Annotated[str, How(help="local, slurm (submitit) or submitit-local", callback=executor_option)]
+    = "local",
+    batch_size: Annotated[int, How(
         help="generation batch size (changes pixels by rounding: part of the key of the stages that sample)")] = 16,
-    threads: Annotated[int, typer.Option(
+    threads: Annotated[int, How(
         help="torch CPU threads per process; 0 = torch's default, or cores / workers (part of every stage key)")] = 0,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
-    workers: Annotated[int, typer.Option(help="CPU worker processes sharing the store")] = 1,
-    gpus: Annotated[str | None, typer.Option(help="one worker per GPU: 0,1 or 0-7 or all")] = None,
-    executor: Annotated[str, typer.Option(help="local, slurm (submitit) or submitit-local")] = "local",
-    partition: Annotated[str | None, typer.Option(help="Slurm partition")] = None,
-    gpus_per_job: Annotated[int, typer.Option(help="Slurm GPUs per job")] = 1,
-    time: Annotated[int, typer.Option("--time", help="Slurm time limit per job, minutes")] = 240,
-    registry: RegistryOpt = None,
-    include: IncludeOpt = None,
+    partition: Annotated[str | None, Slurm(help="Slurm partition")] = None,
+    gpus_per_job: Annotated[int, Slurm(help="Slurm GPUs per job")] = 1,
+    time: Annotated[int, Slurm("--time", help="Slurm time limit per job, minutes")] = 240,
+    quiet: Annotated[bool, Output("--quiet", "-q", help="no progress on stderr; the summary (stdout) still prints")]
+    = False,
+    progress_interval: Annotated[float, Output(
+        envvar="BENCH_PROGRESS_INTERVAL", show_envvar=True,
+        help="when stderr is not a terminal: a status line at least every this many seconds (0: only one per "
+             "finished task)")] = 30.0,
 ) -> None:
-    """Run the method x attack x metric matrix; every stage is cached, so re-running resumes."""
-    import os
+    """Run the method x attack x metric matrix; every stage is cached, so re-running resumes.
 
+    Progress goes to stderr; the summary (a line per method, 80 columns wide) and where the results are, to stdout.
+    """
     from unlearn_bench.plan import make_plan, request_from
 
-    check_run_options(device, batch_size, workers, executor, gpus, gpus_per_job, time)
+    check_run_options(batch_size, workers, gpus, gpus_per_job, time)
     if threads < 0:
         fail(f"--threads {threads}: must be >= 0 (0 = the default split)")
+    if progress_interval < 0:
+        fail(f"--progress-interval {progress_interval}: must be >= 0 (0 = a line per finished task only)")
     from unlearn_bench.external_methods import registry_for_run
 
     try:  # --methods LABEL=path:PATH labels exist before --set is applied (--set method.LABEL.allow_pickle=true)
@@ -183,8 +248,7 @@ def run(
     except RegistryError as exc:
         fail(str(exc))
     out_dir = out or Path("results") / req.name
-    store_dir = store or (Path(os.environ["BENCH_CACHE"]) if os.environ.get("BENCH_CACHE") else
-                          out_dir.resolve().parent / ".store")
+    store_dir = store or out_dir.resolve().parent / ".store"  # --store, else $BENCH_CACHE (typer), else beside out
     for what, folder in (("--out", out_dir), ("--store", store_dir)):
         problem = unwritable(folder)
         if problem:
@@ -193,7 +257,7 @@ def run(
 
     slurm = {"partition": partition, "gpus_per_node": gpus_per_job, "timeout_min": time}
     outcome = execute(plan, out_dir, store_dir, device=device, batch_size=batch_size, quiet=quiet, workers=workers,
-                      gpus=gpus, executor=executor, slurm=slurm, threads=threads)
+                      gpus=gpus, executor=executor, slurm=slurm, threads=threads, progress_interval=progress_interval)
     if outcome.failures:
         from unlearn_bench.execute import EXIT_FAILED_CELLS
 
@@ -344,20 +408,29 @@ def check(
 
 @app.command()
 def perf(
-    model: Annotated[str, typer.Option(help="tiny, toy, or sd14-shaped (random SD-1.4-shaped weights)")] = "tiny",
-    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cpu",
-    iters: Annotated[int, typer.Option(help="timed ESD iterations")] = 5,
-    batch_sizes: Annotated[str, typer.Option(help="generation batch sizes")] = "1,8",
+    model: Annotated[str, typer.Option(
+        help="tiny, toy, sd14-shaped (random SD-1.4-shaped weights, for GPUs), or a registry model on disk")] = "tiny",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+    iters: Annotated[int, typer.Option(help="timed ESD iterations per loop (after one warm-up)")] = 5,
+    batch_sizes: Annotated[str, typer.Option(help="comma list of generation batch sizes")] = "1,8",
     steps: Annotated[int, typer.Option(help="sampling steps")] = 10,
+    threads: Annotated[int, typer.Option(help="torch CPU threads; 0 = torch's default")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="print the figures as one JSON object")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. method.esd.batch_size=2")] = None,
+    registry: RegistryOpt = None,
+    include: IncludeOpt = None,
 ) -> None:
-    """Measure ESD it/s vs a plain fp32 loop, images/s vs diffusers' pipeline, and peak memory."""
-    import json
+    """ESD it/s of the harness vs a plain reference loop (and bf16 vs fp32 on CUDA); images/s vs diffusers.
 
-    from unlearn_bench.perf import run_perf
+    Examples: `bench perf --model toy`, `bench perf --model tiny --iters 2`, `bench perf --model sd14-shaped
+    --device cuda`."""
+    from unlearn_bench.perf import perf_command
 
-    rows = run_perf(model, device, iters, [int(b) for b in batch_sizes.split(",")], steps)
-    for row in rows:
-        typer.echo(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}))
+    try:
+        typer.echo(perf_command(_registry(registry, set_, include), model, device, iters, batch_sizes, steps,
+                                threads, as_json))
+    except RegistryError as exc:  # a bad option, or a real model whose weights are not on this machine
+        fail(str(exc))
 
 
 @toy_app.command("build")

@@ -1,4 +1,7 @@
-"""`bench run` after planning: load nothing until needed, run the stages, write results and provenance."""
+"""`bench run` after planning: load nothing until needed, run the stages, write results and provenance.
+
+Streams: progress and logs go to stderr (bench/progress.py), the end-of-run summary - the result - to stdout
+(bench/summary.py), so `bench run ... > out.txt` keeps the summary and a terminal shows both."""
 
 from __future__ import annotations
 
@@ -9,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from unlearn_bench.plan import Plan
-from unlearn_bench.progress import Progress
+from unlearn_bench.progress import ObservedStore, Progress, RunProgress
+from unlearn_bench.run_state import RunState
+from unlearn_bench.summary import render_summary
 
 
 def resolve_device(device: str) -> str:
@@ -62,7 +67,7 @@ class _Collector:
     """Gathers task results as they finish and rewrites records.csv after each, rows in canonical task order,
     so an interrupted run leaves the cells it finished (and a re-run computes only the rest)."""
 
-    def __init__(self, plan: Plan, out_dir: Path, progress: Progress) -> None:
+    def __init__(self, plan: Plan, out_dir: Path, progress: RunProgress) -> None:
         from unlearn_bench.runner import Runner
 
         self.order = {t: i for i, t in enumerate(Runner.task_list(plan))}
@@ -76,9 +81,11 @@ class _Collector:
         from unlearn_bench.results import write_records
 
         task, rows, failure, counts, touched = result
+        task = tuple(task)
         for k, v in counts.items():
             self.outcome.counts[k] = self.outcome.counts.get(k, 0) + v
         self.outcome.touched.update(tuple(t) for t in touched)
+        self.progress.task_finished(task, counts, failure is not None)
         if failure is not None:
             self.failed[task] = failure
             self.progress.warn(f"FAILED {failure['method']} x {failure['attack']} seed {failure['seed']}: "
@@ -94,10 +101,54 @@ class _Collector:
         return self.outcome
 
 
+def task_label(plan: Plan, task: tuple[int, int, int]) -> str:
+    seed, mi, ai = task
+    return f"{plan.methods[mi].name} x {plan.attacks[ai].name} seed {seed}"
+
+
+def estimate_stages(plan: Plan) -> dict[tuple[int, int, int], int]:
+    """Store lookups each task will make, from the plan alone (no model): the method's data sets and unlearn
+    stage (when it changes weights), the attack's data set and stage (when it has one), and per evaluated state
+    (each checkpoint step) one generate per prompt scope plus one score per metric of that scope. Shared stages count
+    in every task that looks them up (the later lookups are cache hits, as run.json counts them). A metric's own
+    cached stage (a reference set's features) is not foreseen: the live count raises the total when it appears.
+    A component that cannot even be built here counts as one stage; its task will fail and report its own count."""
+    from unlearn_bench.attacks.base import Attack, PromptAttack
+    from unlearn_bench.components import build_component
+    from unlearn_bench.methods_runtime import build_method, changes_weights
+
+    per_state = sum(1 + sum(1 for m in plan.metrics if m.params.get("scope", "target") == scope)
+                    for scope in plan.prompts)
+    method_n: list[int] = []
+    for spec in plan.methods:
+        try:
+            method_n.append(1 + len(build_method(spec, plan.concept).data_requests()) if changes_weights(spec) else 0)
+        except Exception:  # noqa: BLE001 - the task reports the real problem
+            method_n.append(1)
+    attack_n: list[int] = []
+    for spec in plan.attacks:
+        try:
+            attack = build_component(spec, Attack, plan.concept)
+            if isinstance(attack, PromptAttack):
+                attack_n.append(1 + per_state)
+            else:
+                steps = attack.steps()
+                own = 0 if steps == [0] else 1 + (attack.data_request() is not None)
+                attack_n.append(own + len(steps) * per_state)
+        except Exception:  # noqa: BLE001
+            attack_n.append(1)
+    from unlearn_bench.runner import Runner
+
+    return {t: method_n[t[1]] + attack_n[t[2]] for t in Runner.task_list(plan)}
+
+
 def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", batch_size: int = 16,
             quiet: bool = False, workers: int = 1, gpus: str | None = None, executor: str = "local",
-            slurm: dict | None = None, threads: int = 0) -> Outcome:
-    """Run the plan; every cell either lands in records.csv or in run.json's failure list (never both)."""
+            slurm: dict | None = None, threads: int = 0, progress_interval: float = 30.0) -> Outcome:
+    """Run the plan; every cell either lands in records.csv or in run.json's failure list (never both).
+
+    Prints progress on stderr (none with quiet) and, at the end, the summary on stdout (also with quiet: it is
+    the result): bench/summary.py."""
     import uuid
 
     from unlearn_bench.compat import ensure_torchvision_importable
@@ -105,7 +156,6 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     ensure_torchvision_importable()
     from unlearn_bench.results import code_version, provenance, write_leaderboard, write_records, write_run_json
     from unlearn_bench.runner import Runner
-    from unlearn_bench.store import Store
 
     started = time.time()
     device = resolve_device(device)
@@ -116,13 +166,16 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     out_dir.mkdir(parents=True, exist_ok=True)
     cv = code_version()
     run_id = uuid.uuid4().hex[:12]  # failure markers of this run are shared by its workers, retried by the next
-    store = Store(store_dir, code_version=f"{cv['commit'][:12]}{'+dirty' if cv['dirty'] else ''}", run_id=run_id)
+    store = ObservedStore(store_dir, code_version=f"{cv['commit'][:12]}{'+dirty' if cv['dirty'] else ''}",
+                          run_id=run_id)
     gpu_ids = parse_gpus(gpus)
     write_records(out_dir / "records.csv", [])  # never leave a previous run's rows beside this run's run.json
     info = provenance(device) | {"plan": plan.resolved(), "prompts_seeds_hash": plan.prompts_seeds_hash(),
                                  "store": str(store_dir.resolve()), "run_id": run_id, "status": "running"}
     write_run_json(out_dir, info)
-    with Progress(quiet=quiet) as progress:
+    tasks = Runner.task_list(plan)
+    state = RunState(estimate_stages(plan), {t: task_label(plan, t) for t in tasks})
+    with RunProgress(state, quiet=quiet, interval=progress_interval) as progress:
         collect = _Collector(plan, out_dir, progress)
         if executor in ("slurm", "submitit-local"):
             from unlearn_bench.parallel import run_submitit
@@ -138,14 +191,20 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
             if not _all_cached(plan, store, device if not gpu_ids else devices[0], batch_size, per_worker or None,
                                collect):
                 progress.log(f"running {len(devices)} workers: {', '.join(devices)}")
-                run_workers(plan, store_dir, store.code_version, devices, batch_size, collect, run_id, per_worker)
+                run_workers(plan, store_dir, store.code_version, devices, batch_size, collect, run_id, per_worker,
+                            on_event=progress.handle)
         else:
-            runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress)
+            store.observer = progress.observer(0)
+            runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress.runner_progress)
             for task in runner.tasks():
-                collect(runner.task_result(task))
+                progress.task_started(task)
+                result = runner.task_result(task)
+                progress.handle(("end", 0, task))
+                collect(result)
     outcome = collect.finish()
     write_records(out_dir / "records.csv", outcome.rows)
-    board = write_leaderboard(out_dir) if outcome.rows else None
+    if outcome.rows:
+        write_leaderboard(out_dir)
     keys: dict[str, list[str]] = {}
     for stage, key in sorted(outcome.touched):
         keys.setdefault(stage, []).append(key)
@@ -154,9 +213,12 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
              "store_keys": keys}
     write_run_json(out_dir, info)
     if not quiet:
-        print_board(board, outcome.counts, info["seconds"], out_dir)
+        print(f"stages: {outcome.counts['cached']} cached, {outcome.counts['computed']} computed "
+              f"({info['seconds']:.1f}s)", file=sys.stderr, flush=True)
     if outcome.failures:
         print_failures(outcome.failures, out_dir)
+    judge = (plan.concept.metrics or (None,))[0]
+    print(render_summary(outcome.rows, out_dir, judge, len(outcome.failures), len(tasks)), flush=True)
     return outcome
 
 
@@ -169,22 +231,20 @@ def _all_cached(plan: Plan, store: Any, device: str, batch_size: int, threads: i
     from unlearn_bench.runner import Runner
     from unlearn_bench.store import NotCached
 
-    probe = replace(store, cached_only=True, counts={"cached": 0, "computed": 0}, touched=set())
+    probe = replace(store, cached_only=True, counts={"cached": 0, "computed": 0}, touched=set(), observer=None)
     runner = Runner(plan, probe, device=device, batch_size=batch_size, progress=Progress(quiet=True),
                     threads=threads)
     results = []
     try:
         for task in runner.tasks():
-            rows, failure = runner.try_task(task)
-            if failure is not None:
+            result = runner.task_result(task)
+            if result[2] is not None:
                 return False  # a failed cell is retried by the workers
-            results.append((task, rows, None, {}, []))
+            results.append(result)
     except NotCached:
         return False
     for r in results:
         collect(r)
-    collect.outcome.counts["cached"] += probe.counts["cached"]
-    collect.outcome.touched.update(probe.touched)
     return True
 
 
@@ -195,23 +255,3 @@ def print_failures(failures: list[dict], out_dir: Path) -> None:
     lines += [f"  - {f['method']} x {f['attack']} seed {f['seed']}: {f['stage']} ({f['what']}): {f['reason']}"
               for f in failures]
     print("\n".join(lines), file=sys.stderr)
-
-
-def print_board(board: object, counts: dict[str, int], seconds: float, out_dir: Path) -> None:
-    """Leaderboard as a rich table: mean (± std over seeds) per attack@step/metric column."""
-    from rich.console import Console
-    from rich.table import Table
-
-    console = Console(stderr=True)
-    console.print(f"stages: {counts['cached']} cached, {counts['computed']} computed ({seconds:.1f}s); "
-                  f"results in {out_dir}/")
-    if board is None:
-        return
-    cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
-    table = Table(title="leaderboard (mean ± std over seeds)")
-    table.add_column("method")
-    for c in cols:
-        table.add_column(c.replace("/", "\n"), justify="right")
-    for method, row in board.iterrows():
-        table.add_row(str(method), *[f"{row[c]:.3f} ± {row[c + ' std']:.3f}" for c in cols])
-    console.print(table)

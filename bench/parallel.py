@@ -26,6 +26,26 @@ Task = tuple[int, int, int]
 TaskResult = tuple[Task, list[dict[str, Any]], dict[str, Any] | None, dict[str, int], list[tuple[str, str]]]
 
 _RUNNER: Any = None  # the worker process's Runner (one model load per worker, reused by its tasks)
+_EVENTS: Any = None  # the worker's progress channel to the parent (_Events)
+
+
+class _Events:
+    """A worker's progress events to the parent, over its own pipe: (kind, worker, *payload). A pipe per worker
+    (not one shared queue) so a worker killed mid-send cannot leave a lock held that blocks the others; a send is
+    synchronous, so every event of a task is in the pipe before the task's result is (the parent drains the pipes
+    before it handles a result, so it attributes each stage to the right task). Progress is best-effort: a broken
+    pipe only stops the events."""
+
+    def __init__(self, conn: Any, worker: int) -> None:
+        self.conn, self.worker = conn, worker
+
+    def __call__(self, kind: str, *payload: Any) -> None:
+        if self.conn is None:
+            return
+        try:
+            self.conn.send((kind, self.worker, *payload))
+        except (OSError, ValueError):
+            self.conn = None
 
 
 def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
@@ -52,9 +72,10 @@ def die_with_parent(parent_pid: int, poll_s: float = 0.5) -> None:
 
 
 def _init_worker(plan: Plan, store_dir: str, code_version: str, run_id: str, devices: Any, batch_size: int,
-                 threads: int, parent_pid: int) -> None:
-    """Worker start-up: follow the parent's fate, leave Ctrl-C to the parent, load nothing until a stage needs it."""
-    global _RUNNER
+                 threads: int, parent_pid: int, pipes: list[Any] | None = None) -> None:
+    """Worker start-up: follow the parent's fate, leave Ctrl-C to the parent, load nothing until a stage needs it.
+    `devices` hands out (worker number, device) pairs; worker N reports progress on pipes[N - 1]."""
+    global _RUNNER, _EVENTS
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and terminates the pool
     from unlearn_bench.compat import ensure_torchvision_importable
@@ -64,17 +85,24 @@ def _init_worker(plan: Plan, store_dir: str, code_version: str, run_id: str, dev
 
     if threads > 0:
         torch.set_num_threads(threads)
-    device = devices.get()
+    worker, device = devices.get()
+    from unlearn_bench.progress import ObservedStore, RemoteProgress
     from unlearn_bench.runner import Runner
-    from unlearn_bench.store import Store
 
-    store = Store(Path(store_dir), code_version=code_version, run_id=run_id)
-    _RUNNER = Runner(plan, store, device=device, batch_size=batch_size, threads=threads or None)
+    _EVENTS = _Events(pipes[worker - 1] if pipes else None, worker)
+    store = ObservedStore(Path(store_dir), code_version=code_version, run_id=run_id, observer=_EVENTS)
+    _RUNNER = Runner(plan, store, device=device, batch_size=batch_size, progress=RemoteProgress(_EVENTS),
+                     threads=threads or None)
+    _EVENTS("ready", device, os.getpid())
 
 
 def _do_task(task: Task) -> TaskResult:
     """One task in a worker: its rows or failure, plus the store counts and entries it used."""
-    return _RUNNER.task_result(task)
+    _EVENTS("start", task)
+    try:
+        return _RUNNER.task_result(task)
+    finally:
+        _EVENTS("end", task)
 
 
 def worker_threads(devices: list[str]) -> int:
@@ -83,12 +111,14 @@ def worker_threads(devices: list[str]) -> int:
 
 
 def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[str], batch_size: int,
-                on_result: Callable[[TaskResult], None], run_id: str = "", threads: int | None = None) -> None:
-    """Run all tasks on len(devices) spawned workers; on_result(result) in the parent as each task finishes.
+                on_result: Callable[[TaskResult], None], run_id: str = "", threads: int | None = None,
+                on_event: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+    """Run all tasks on len(devices) spawned workers; on_result(result) in the parent as each task finishes, and
+    on_event(event) for each progress event (bench/progress.py) - always before the result of the task it is part of.
 
     A worker that dies (out of memory, killed) fails the tasks it had not returned, with that reason."""
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
     from concurrent.futures.process import BrokenProcessPool
 
     from unlearn_bench.runner import Runner
@@ -96,26 +126,51 @@ def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[st
     tasks = Runner.task_list(plan)
     ctx = mp.get_context("spawn")
     device_queue = ctx.Queue()
-    for d in devices:
-        device_queue.put(d)
+    for i, d in enumerate(devices):
+        device_queue.put((i + 1, d))
+    pipes = [ctx.Pipe(duplex=False) for _ in devices]  # (parent's reader, worker's writer) per worker
     threads = worker_threads(devices) if threads is None else threads
-    init = (plan, str(store_dir), code_version, run_id, device_queue, batch_size, threads, os.getpid())
+    init = (plan, str(store_dir), code_version, run_id, device_queue, batch_size, threads, os.getpid(),
+            [w for _, w in pipes])
     pool = ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_init_worker, initargs=init)
     old_term = signal.signal(signal.SIGTERM, _raise_exit) if threading.current_thread() is threading.main_thread() \
         else None
+    readers = [r for r, _ in pipes]
     try:
         # attack-major: the first tasks each need a different (seed, method) unlearn stage, so workers start
         # distinct expensive stages instead of waiting at one lock; rows are reassembled in canonical order
         futures = {pool.submit(_do_task, t): t for t in sorted(tasks, key=lambda t: (t[2], t[0], t[1]))}
-        for fut in as_completed(futures):
-            try:
-                on_result(fut.result())
-            except BrokenProcessPool as exc:
-                on_result((futures[fut], [], _dead_worker(plan, futures[fut], exc), {}, []))
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            _drain(readers, on_event)  # the finished tasks' events are all in the pipes by now
+            for fut in sorted(done, key=lambda f: futures[f]):
+                try:
+                    on_result(fut.result())
+                except BrokenProcessPool as exc:
+                    on_result((futures[fut], [], _dead_worker(plan, futures[fut], exc), {}, []))
     finally:
         _stop(pool)
+        _drain(readers, on_event)
+        for reader, writer in pipes:
+            reader.close()
+            writer.close()
         if old_term is not None:
             signal.signal(signal.SIGTERM, old_term)
+
+
+def _drain(readers: list[Any], on_event: Callable[[tuple[Any, ...]], None] | None) -> None:
+    """Hand every event waiting in the workers' pipes to on_event (or drop them), without blocking."""
+    from multiprocessing.connection import wait as ready
+
+    for conn in ready([r for r in readers if not r.closed], timeout=0):
+        try:
+            while conn.poll():
+                event = conn.recv()
+                if on_event is not None:
+                    on_event(event)
+        except (EOFError, OSError):
+            continue
 
 
 def _raise_exit(signum: int, frame: Any) -> None:

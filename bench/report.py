@@ -5,7 +5,9 @@ per metric (mean ± std over seeds, best per column in bold, direction stated), 
 attack step, one line per method, a band of ± one std over seeds, the unattacked model at step 0), image grids
 (base / unlearned / attacked per method, straight from the store's generate entries, so what is shown is what was
 scored), NudeNet's per-class counts when present, the evaluation settings of every metric, and the run's provenance.
-Everything is derived from records.csv, run.json and the store; nothing is recomputed.
+Everything is derived from records.csv, run.json and the store; nothing is recomputed. What needs the store is also
+saved beside records.csv, so a committed folder reports on a machine without the store (bench.report_sources says
+which part came from where).
 """
 
 from __future__ import annotations
@@ -153,7 +155,8 @@ def _pick(prompts: list[str], k: int) -> list[int]:
     return out
 
 
-def _images(store: Any, key: str) -> tuple[np.ndarray, list[str]] | None:
+def load_grid_images(store: Any, key: str) -> tuple[np.ndarray, list[str]] | None:
+    """A generate entry's images and their prompts, or None when no store holds it."""
     from unlearn_bench.images import load_images
 
     entry = store.lookup("generate", key) if key else None
@@ -163,21 +166,14 @@ def _images(store: Any, key: str) -> tuple[np.ndarray, list[str]] | None:
     return load_images(entry.file("images"), info["files"]), info["prompts"]
 
 
-def grid_figures(df: Any, store: Any, target_metrics: list[str], k: int = 8,
-                 cell: int = 96) -> dict[str, tuple[bytes, list[str]]]:
-    """Per method: rows base / unlearned / attacked (each attack at its last step), columns k images of the first
-    seed's target-scope generations (the same prompts and seeds in every row)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
-
+def grid_rows(df: Any, target_metrics: list[str]) -> tuple[int | None, dict[str, list[tuple[str, str]]]]:
+    """(seed, method -> [(row label, generate key)]): per method, base / unlearned / each attack at its last step,
+    from the first seed's target-scope images. What a grid shows, decided from records.csv alone."""
     pool = df[df["metric"].isin(target_metrics)] if target_metrics else df
     pool = pool[pool["images_key"].astype(str).str.len() > 4]
     if pool.empty:
-        return {}
-    seed = pool["seed"].min()
+        return None, {}
+    seed = int(pool["seed"].min())
     pool = pool[pool["seed"] == seed]
 
     def key(method: str, attack: str, step: int | None = None) -> str:
@@ -188,45 +184,52 @@ def grid_figures(df: Any, store: Any, target_metrics: list[str], k: int = 8,
         return str(g["images_key"].iloc[0]) if not g.empty else ""
 
     attacks = [a for a in dict.fromkeys(pool["attack"]) if a != "none"]
-    out = {}
+    out: dict[str, list[tuple[str, str]]] = {}
     for method in dict.fromkeys(pool["method"]):
         rows = []
         if method != "none" and key("none", "none", 0):
             rows.append(("base", key("none", "none", 0)))
         rows.append(("base" if method == "none" else "unlearned", key(method, "none", 0)))
         for a in attacks:
-            k_ = key(method, a)
-            if k_:
+            if key(method, a):
                 last = int(pool[(pool["method"] == method) & (pool["attack"] == a)]["attack_step"].max())
-                rows.append((f"{a}@{last}", k_))
-        loaded = [(label, _images(store, k_)) for label, k_ in rows if k_]
-        loaded = [(label, x) for label, x in loaded if x is not None]
-        if not loaded:
-            continue
-        idx = _pick(loaded[0][1][1], k)
-        fig, axes = plt.subplots(len(loaded), 1, figsize=(len(idx) * cell / 100 + 1.4, len(loaded) * cell / 100 + 0.5),
-                                 squeeze=False)
-        for ax, (label, (imgs, _)) in zip(axes[:, 0], loaded, strict=True):
-            tiles = [np.asarray(Image.fromarray(imgs[i]).resize(
-                (cell, cell), Image.Resampling.NEAREST if imgs.shape[1] < cell else Image.Resampling.LANCZOS))
-                for i in idx if i < len(imgs)]
-            gap = np.full((cell, 3, 3), 255, np.uint8)
-            strip = np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
-            ax.imshow(strip)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for s in ax.spines.values():
-                s.set_visible(False)
-            ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
-        fig.suptitle(f"{method} (seed {seed})", fontsize=11)
-        fig.tight_layout()
-        out[method] = (_png(fig), [loaded[0][1][1][i] for i in idx])
-    return out
+                rows.append((f"{a}@{last}", key(method, a)))
+        out[str(method)] = [(label, k) for label, k in rows if k]
+    return seed, out
 
 
-def class_counts_html(df: Any, store: Any) -> str:
-    """NudeNet per-class counts (images with the class above threshold), summed over seeds, from score manifests."""
-    rows, classes = [], []
+def draw_grid(method: str, seed: int | None, loaded: list[tuple[str, tuple[np.ndarray, list[str]]]], k: int = 8,
+              cell: int = 96) -> tuple[bytes, list[str]]:
+    """A grid PNG (a row per model state, k images of the same prompts and seeds per row) and its column prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    idx = _pick(loaded[0][1][1], k)
+    fig, axes = plt.subplots(len(loaded), 1, figsize=(len(idx) * cell / 100 + 1.4, len(loaded) * cell / 100 + 0.5),
+                             squeeze=False)
+    for ax, (label, (imgs, _)) in zip(axes[:, 0], loaded, strict=True):
+        tiles = [np.asarray(Image.fromarray(imgs[i]).resize(
+            (cell, cell), Image.Resampling.NEAREST if imgs.shape[1] < cell else Image.Resampling.LANCZOS))
+            for i in idx if i < len(imgs)]
+        gap = np.full((cell, 3, 3), 255, np.uint8)
+        ax.imshow(np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for s in ax.spines.values():
+            s.set_visible(False)
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=10)
+    fig.suptitle(f"{method} (seed {seed})", fontsize=11)
+    fig.tight_layout()
+    return _png(fig), [loaded[0][1][1][i] for i in idx]
+
+
+def class_count_rows(df: Any, store: Any) -> tuple[list[list[Any]], list[str]]:
+    """NudeNet per-class counts (images with the class above threshold), summed over seeds, from score manifests:
+    [metric, method, attack@step, n images, {class: count}] per state; and the score keys they came from."""
+    rows, keys = [], []
     for (metric, method, attack, step), g in df.groupby(["metric", "method", "attack", "attack_step"], sort=False):
         counts: dict[str, int] = {}
         n = 0
@@ -236,13 +239,18 @@ def class_counts_html(df: Any, store: Any) -> str:
             if "class_counts" not in summary or "@" in str(metric):
                 continue
             n += int(n_img)
+            keys.append(str(key))
             for c, v in summary["class_counts"].items():
                 counts[c] = counts.get(c, 0) + int(v)
-                classes += [c] if c not in classes else []
         if counts:
-            rows.append((metric, method, f"{attack}@{step}", n, counts))
+            rows.append([str(metric), str(method), f"{attack}@{step}", n, counts])
+    return rows, sorted(keys)
+
+
+def class_counts_html(rows: list[list[Any]]) -> str:
     if not rows:
         return ""
+    classes = list(dict.fromkeys(c for *_, counts in rows for c in counts))
     short = [c.replace("_EXPOSED", "").replace("_", " ").lower() for c in classes]
     body = [[html.escape(str(m)), html.escape(me), html.escape(a), str(n), *[str(c.get(k, 0)) for k in classes]]
             for m, me, a, n, c in rows]
@@ -300,53 +308,53 @@ def settings_html(df: Any) -> str:
     return _table([c.replace("_", " ") for c in cols], rows, left=len(cols))
 
 
-def provenance_html(run: dict[str, Any]) -> str:
-    git = run.get("git", {})
-    facts = [("git commit", f"{git.get('commit', '?')}{' (dirty)' if git.get('dirty') else ''}"),
-             ("prompts+seeds hash", run.get("prompts_seeds_hash", "")), ("store", run.get("store", "")),
-             ("stages", json.dumps(run.get("stages", {}))), ("seconds", str(run.get("seconds", ""))),
-             ("device", json.dumps(run.get("device", {}))), ("command", " ".join(map(str, run.get("argv", []))))]
-    for r in run.get("rescored", []):
-        facts.append(("re-scored", f"{r.get('at')}: {', '.join(r.get('metrics', []))}"))
-    for scope, src in (run.get("plan", {}).get("prompt_sources") or {}).items():
-        facts.append((f"prompts ({scope})", f"{src.get('name')} {src.get('format')} {src.get('source')} "
-                                            f"sha256:{src.get('sha256')}"))
-    pk = ", ".join(f"{k} {v}" for k, v in (run.get("packages") or {}).items() if v)
-    facts.append(("packages", pk))
-    table = _table(["", ""], [[html.escape(k), html.escape(str(v))] for k, v in facts], left=2)
-    plan = html.escape(json.dumps(run.get("plan", {}), indent=1, default=str))
-    return f"{table}<details><summary>resolved plan (run.json)</summary><pre>{plan}</pre></details>"
+def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: int = 8, echo: bool = True) -> Path:
+    """Write out_dir/report.html and the figures beside it (report-curve-*.png, report-grid-*.png, and what the
+    grids show in report-figures.json). Parts that need the store come from the folder's saved figures when no
+    store holds them (bench.report_sources); echo: say on stderr which parts came from where."""
+    import sys
 
-
-def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: int = 8) -> Path:
-    """Write out_dir/report.html and the figures beside it (report-curve-*.png, report-grid-*.png)."""
     import pandas as pd
 
-    from unlearn_bench.store import Store, write_text_atomic
+    from unlearn_bench import report_sources as rs
+    from unlearn_bench.store import write_text_atomic
 
     run = json.loads((out_dir / "run.json").read_text())
     df = pd.read_csv(out_dir / "records.csv", keep_default_na=True)
     df["higher_is_better"] = df["higher_is_better"].astype(str).str.lower().isin(("true", "1"))
-    store = Store(Path(store_dir or run.get("store", out_dir.parent / ".store")))
+    stores = rs.StoreSet(rs.store_roots(out_dir, run, store_dir))
     plan = run.get("plan", {})
     scope = {m["name"]: m.get("params", {}).get("scope", "target") for m in plan.get("metrics", [])}
     metrics = list(dict.fromkeys(df["metric"]))
     order = sorted(metrics, key=lambda m: (scope.get(m.split("@")[0], "z") != "target", metrics.index(m)))
     curves = curve_figures(df, order)
-    grids = grid_figures(df, store, [m for m in metrics if scope.get(m) == "target"], k=images_per_row)
+    targets = [m for m in metrics if scope.get(m) == "target"]
+    saved = rs.load_figures(out_dir)
+    grids, no_grids = rs.resolve_grids(df, stores, out_dir, targets, images_per_row, saved.get("grids") or {})
+    changed = rs.record_grids(out_dir, df, targets, grids, saved)
     for name, data in curves.items():
         (out_dir / f"report-curve-{_slug(name)}.png").write_bytes(data)
-    for name, (data, _) in grids.items():
-        (out_dir / f"report-grid-{_slug(name)}.png").write_bytes(data)
+    counts, counts_from, more = rs.resolve_class_counts(df, stores, saved)
+    if changed or more:
+        rs.save_figures(out_dir, saved)
+    found, rewrites_from = rs.resolve_rewrites(rewrites(df, stores), out_dir, df)
 
     title = f"{plan.get('name', out_dir.name)}: {plan.get('concept', {}).get('name', '?')} on " \
             f"{plan.get('model', {}).get('name', '?')}"
     sub = (f"{len(dict.fromkeys(df['method']))} methods × {len(dict.fromkeys(df['attack']))} attacks × "
            f"{len(metrics)} metrics × {df['seed'].nunique()} seeds · git {run.get('git', {}).get('commit', '?')[:10]}")
+    sources = [("leaderboard, relearning curves, evaluation settings", "folder (records.csv)"),
+               ("provenance", "folder (run.json)")]
+    sources += [(f"image grid {g.method}", g.note or f"store ({', '.join(sorted(stores.used))})") for g in grids]
+    sources += [("image grids", no_grids)] if no_grids else []
+    sources += [("prompt-attack rewrites", rewrites_from)] if rewrites_from else []
+    sources += [("NudeNet class counts", counts_from)] if counts_from else []
+    sources += [("stores looked in", stores.describe())]
     parts = [f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(sub)}</p>",
              "<nav><a href='#board'>Leaderboard</a><a href='#curves'>Relearning curves</a><a href='#grids'>Image "
-             "grids</a><a href='#settings'>Settings</a><a href='#provenance'>Provenance</a></nav>",
-             "<h2 id='board'>Leaderboard</h2>", leaderboard_html(df), "<h2 id='curves'>Relearning curves</h2>"]
+             "grids</a><a href='#settings'>Settings</a><a href='#sources'>Sources</a><a href='#provenance'>"
+             "Provenance</a></nav>", "<h2 id='board'>Leaderboard</h2>", leaderboard_html(df),
+             "<h2 id='curves'>Relearning curves</h2>"]
     if curves:
         parts += [f"<figure>{_img(data, f'curve {m}')}<figcaption>{html.escape(m)} against attack step; step 0 is "
                   f"the released (unattacked) model; band: ± 1 std over seeds. File: report-curve-{_slug(m)}.png"
@@ -354,21 +362,22 @@ def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: i
     else:
         parts.append("<p class='sub'>No multi-step attacks in this run.</p>")
     parts.append("<h2 id='grids'>Image grids</h2>")
-    for method, (data, prompts) in grids.items():
-        items = "".join(f"<li>{html.escape(p[:90])}</li>" for p in prompts)
-        parts.append(f"<h3>{html.escape(method)}</h3><figure>{_img(data, f'grid {method}')}<figcaption>Columns "
-                     f"(left to right):<ol class='prompts'>{items}</ol></figcaption></figure>")
-    if not grids:
-        parts.append("<p class='sub'>No stored images found (is the store at "
-                     f"{html.escape(str(store.root))}?).</p>")
-    found = rewrites(df, store)
-    if found:
-        write_text_atomic(out_dir / "report-rewrites.csv", pd.DataFrame(found).to_csv(index=False))
-    parts += [rewrites_html(found), class_counts_html(df, store), "<h2 id='settings'>Evaluation settings</h2>",
-              settings_html(df),
-              "<h2 id='provenance'>Provenance</h2>", provenance_html(run)]
+    for g in grids:
+        items = ("Columns (left to right):<ol class='prompts'>"
+                 + "".join(f"<li>{html.escape(p[:90])}</li>" for p in g.prompts) + "</ol>") if g.prompts else ""
+        note = f"<p class='sub'>{html.escape(g.note)}</p>" if g.note else ""
+        parts.append(f"<h3>{html.escape(g.method)}</h3><figure>{_img(g.png, f'grid {g.method}')}<figcaption>"
+                     f"{note}{items}</figcaption></figure>")
+    if no_grids:
+        parts.append(f"<p class='sub'>{html.escape(no_grids)}</p>")
+    parts += [rewrites_html(found), class_counts_html(counts), "<h2 id='settings'>Evaluation settings</h2>",
+              settings_html(df), rs.sources_html(sources), "<h2 id='provenance'>Provenance</h2>",
+              rs.provenance_html(run)]
     page = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body><main>{''.join(parts)}</main></body></html>")
     path = out_dir / "report.html"
     write_text_atomic(path, page)
+    if echo:
+        lines = [f"  {part}: {src}" for part, src in sources[2:]]
+        print("report sources (records.csv and run.json from the folder):\n" + "\n".join(lines), file=sys.stderr)
     return path

@@ -7,12 +7,14 @@ the evaluation settings the literature disagrees on. The leaderboard is always d
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
 import platform
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, fields, replace
 from importlib import metadata
 from pathlib import Path
@@ -187,8 +189,151 @@ def provenance(device: str) -> dict[str, Any]:
     return {"git": code_version(), "packages": versions, "device": dev, "argv": sys.argv}
 
 
+# run.json keeps a history: the first `bench run` into a folder computes the results, a later re-run of the same
+# plan usually finds every stage in the store and only re-reads them. Overwriting run.json with that re-run (2 s,
+# every stage cached) would lose which machine, commit and packages actually computed the numbers.
+SHARED_FIELDS = ("plan", "prompts_seeds_hash")  # the same for every run of one history
+DOC_FIELDS = ("runs", "provenance_of", "history", "history_reset", "rescored", "plan_digest")  # about the file
+RUN_ONLY = ("store_keys", "failures")  # kept at the top level only (large), for the run the top level describes
+UNRECORDED = "unrecorded"  # run_id of a run written before run.json had run ids
+HISTORY_NOTE = ("`runs` lists every `bench run` of this plan into this folder, oldest first; the last one wrote "
+                "records.csv. The top-level fields (git, device, packages, argv, stages, seconds, store, store_keys, "
+                "status, failures) describe the run named in `provenance_of`. A run with another plan (plan_digest "
+                "or prompts_seeds_hash differ) starts the history afresh and says so in `history_reset`.")
+
+
+def _utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def plan_digest(plan: dict[str, Any]) -> str:
+    """What makes two runs "the same run" for run.json's history: the resolved plan, minus where its parts were
+    read from (the catalogue's layer paths, prompt files' paths; their content is in the specs and sha256), so the
+    same plan run from another checkout or machine continues the history."""
+    p = {k: v for k, v in plan.items() if k != "catalogue"}
+    p["prompt_sources"] = {scope: {k: v for k, v in src.items() if k != "source"} if isinstance(src, dict) else src
+                           for scope, src in (plan.get("prompt_sources") or {}).items()}
+    return hashlib.sha256(json.dumps(p, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_id(d: dict[str, Any]) -> str:
+    return str(d.get("run_id") or UNRECORDED)
+
+
+def run_record(info: dict[str, Any], previous: dict[str, Any] | None = None, now: str = "") -> dict[str, Any]:
+    """One `runs` entry: a run's own facts (ids, times, git, device, packages, argv, store, stages, seconds,
+    status, the number of failed cells), without the plan (shared) and the key lists (top level only)."""
+    now = now or _utc_now()
+    rec = {k: v for k, v in info.items() if k not in SHARED_FIELDS + DOC_FIELDS + RUN_ONLY}
+    rec["run_id"] = _run_id(info)
+    rec["started_at"] = (previous or {}).get("started_at") or info.get("started_at") or now
+    if "failures" in info:
+        rec["failed_cells"] = len(info["failures"] or [])
+    if info.get("status", "complete") != "running" and "stages" in info:
+        rec.setdefault("finished_at", now)
+    return rec
+
+
+def _legacy_runs(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The history of a run.json written before `runs` existed: its one run, flagged as possibly a re-run."""
+    if isinstance(doc.get("runs"), list):
+        return [dict(r) for r in doc["runs"] if isinstance(r, dict)]
+    rec = run_record(doc, now="unknown")
+    rec["note"] = ("recorded before run.json kept a history: this may be a cached re-run rather than the run that "
+                   "computed the results")
+    return [rec]
+
+
+def _top(runs: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """The run the top level describes, and why: the latest run that computed stages; else the first that ended
+    (every stage was already in the store when the history began); else the latest (still running, or killed)."""
+    ended = [r for r in runs if isinstance(r.get("stages"), dict)]
+    computing = [r for r in ended if int(r["stages"].get("computed", 0) or 0) > 0]
+    if computing:
+        return computing[-1], "the latest run in `runs` that computed stages; later runs only read them from the store"
+    if ended:
+        return ended[0], "no run in `runs` computed a stage (the store already held them all): the first that ended"
+    return runs[-1], "no run in `runs` has ended yet (running, or killed): the latest"
+
+
+def merge_run_json(existing: dict[str, Any] | None, info: dict[str, Any], now: str = "") -> dict[str, Any]:
+    """The run.json document after `info` (one run's record, as `bench run` writes it at its start and again at its
+    end) is written over `existing` (the file's content, or None). Same plan: the run is added to (or, same run_id,
+    updated in) `runs`, and the top level keeps describing the run that computed the results. Another plan, or
+    no readable file: a fresh history (with `history_reset` saying what was replaced)."""
+    now = now or _utc_now()
+    digest = plan_digest(info.get("plan") or {})
+    same = (isinstance(existing, dict) and isinstance(existing.get("plan"), dict)
+            and plan_digest(existing["plan"]) == digest
+            and existing.get("prompts_seeds_hash") == info.get("prompts_seeds_hash"))
+    runs = _legacy_runs(existing) if same and existing is not None else []
+    mine = _run_id(info)
+    at = next((i for i, r in enumerate(runs) if _run_id(r) == mine), None)
+    rec = run_record(info, runs[at] if at is not None else None, now)
+    if at is None:
+        for r in runs:
+            if r.get("status") == "running":
+                r["status"] = "did not finish (no end record)"
+        runs.append(rec)
+    else:
+        runs[at] = rec
+    top, why = _top(runs)
+    if top is rec:
+        fields_ = {k: v for k, v in info.items() if k not in SHARED_FIELDS + DOC_FIELDS}
+    elif same and existing is not None and _run_id(existing) == _run_id(top):
+        fields_ = {k: v for k, v in existing.items() if k not in SHARED_FIELDS + DOC_FIELDS}
+    else:
+        fields_ = {k: v for k, v in top.items() if k not in ("started_at", "finished_at", "note", "failed_cells")}
+    doc = fields_ | {k: info[k] for k in SHARED_FIELDS if k in info}
+    doc |= {"plan_digest": digest, "runs": runs, "provenance_of": {"run_id": _run_id(top), "why": why},
+            "history": HISTORY_NOTE}
+    if same and existing is not None:
+        doc |= {k: existing[k] for k in ("rescored", "history_reset") if k in existing}
+    elif existing is not None:
+        old = existing if isinstance(existing, dict) else {}
+        doc["history_reset"] = {
+            "at": now, "reason": "the plan changed (plan_digest or prompts_seeds_hash differ): the results are new"
+            if isinstance(old.get("plan"), dict) else "the previous run.json could not be read as a run document",
+            "previous_plan_digest": plan_digest(old["plan"]) if isinstance(old.get("plan"), dict) else None,
+            "previous_prompts_seeds_hash": old.get("prompts_seeds_hash"),
+            "previous_runs": [_run_id(r) for r in _legacy_runs(old)] if old else []}
+    return doc
+
+
+def read_run_json(path: Path) -> dict[str, Any] | None:
+    """run.json as a dict; None when absent, unreadable or not a JSON object (then a new history starts)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
 def write_run_json(out_dir: Path, info: dict[str, Any]) -> None:
-    write_json_atomic(out_dir / "run.json", info)
+    """Record one run (its start, then its end) in out_dir/run.json, merged into the history there
+    (merge_run_json). A whole document (one with `runs`, e.g. read back and edited) is written as it is."""
+    path = out_dir / "run.json"
+    if "runs" in info:
+        replace_run_json(out_dir, info)
+        return
+    existing = read_run_json(path) if path.exists() else None
+    if path.exists() and existing is None:
+        existing = {}  # present but unreadable: a fresh history that says so
+    write_json_atomic(path, merge_run_json(existing, info))
+
+
+def replace_run_json(out_dir: Path, doc: dict[str, Any]) -> None:
+    """Write a run.json document as it is (a command that edits an existing one, e.g. `bench score`), with its
+    plan_digest brought up to date when it has a history, since editing the plan changes what a re-run matches."""
+    if "runs" in doc and isinstance(doc.get("plan"), dict):
+        doc = doc | {"plan_digest": plan_digest(doc["plan"])}
+    write_json_atomic(out_dir / "run.json", doc)
+
+
+def run_stores(run: dict[str, Any]) -> list[str]:
+    """Every store a run.json names: the top-level run's, then the other runs' (newest first), each once."""
+    names = [run.get("store")] + [r.get("store") for r in reversed(run.get("runs") or []) if isinstance(r, dict)]
+    return list(dict.fromkeys(str(n) for n in names if n))
 
 
 def read_records(path: Path) -> list[dict[str, str]]:

@@ -62,7 +62,7 @@ def rescore(out_dir: Path, reg: Registry, metric_names: tuple[str, ...] = (), st
             device: str = "cpu", progress: Any = None, dest: Path | None = None) -> list[dict[str, Any]]:
     """Score the stored images of `out_dir` with `metric_names` (default: the run's own metrics); returns all rows."""
     from unlearn_bench.plan import Plan, preflight_metrics
-    from unlearn_bench.results import write_leaderboard, write_records, write_run_json
+    from unlearn_bench.results import replace_run_json, write_leaderboard, write_records
     from unlearn_bench.runner import Runner, variant_rows
     from unlearn_bench.store import Store
 
@@ -111,7 +111,7 @@ def rescore(out_dir: Path, reg: Registry, metric_names: tuple[str, ...] = (), st
     run["plan"]["metrics"] = kept + [thaw(s.__dict__) for s in specs]
     run.setdefault("rescored", []).append({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                            "metrics": names, "argv": sys.argv, "stages": dict(store.counts)})
-    write_run_json(dest, run)
+    replace_run_json(dest, run)  # an edit of the run's document, not a new run of its history
     return rows
 
 

@@ -150,7 +150,24 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
 
         check_available(model)
         preflight_metrics(metrics)
+        check_component_classes(methods, attacks)
     return plan
+
+
+def check_component_classes(methods: list[ComponentSpec], attacks: list[ComponentSpec]) -> None:
+    """Every method and wrapper class derives from Method, every attack class from WeightAttack or PromptAttack:
+    a plug-in written against the wrong base stops the run at plan time (exit 2), not in each cell."""
+    from unlearn_bench.attacks.base import Attack, PromptAttack, WeightAttack, neither_kind
+    from unlearn_bench.components import component_class
+    from unlearn_bench.methods.base import Method
+
+    for spec in methods:
+        for part in (spec, *spec.wrappers):
+            component_class(part, Method)
+    for spec in attacks:
+        cls = component_class(spec, Attack)
+        if not issubclass(cls, WeightAttack | PromptAttack):
+            raise RegistryError(f"attack {spec.name}: {neither_kind(cls)}")
 
 
 def preflight_metrics(metrics: list[ComponentSpec]) -> None:

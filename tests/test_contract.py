@@ -335,3 +335,17 @@ def test_result_row_is_the_records_csv_columns_in_order(tmp_path):
     assert (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
     back = read_records(tmp_path / "a.csv")
     assert back[1]["metric"] == "nudenet@0.5" and back[1]["value"] == "0.125" and back[0]["stderr"] == "nan"
+
+
+def test_plan_time_refuses_plugin_classes_on_the_wrong_base(plugin):
+    """A plug-in attack of neither kind, or a 'method' that is not a Method, stops planning (exit 2) instead of
+    failing every cell at setup."""
+    from unlearn_bench.plan import check_component_classes
+    from unlearn_bench.registry import RegistryError
+
+    none = spec("method", "none", "unlearn_bench.methods.base:NoUnlearning")
+    check_component_classes([none], [spec("attack", "none", "unlearn_bench.attacks.base:NoAttack")])
+    with pytest.raises(RegistryError, match=rf"attack sideways: .*{plugin}.Sideways.*WeightAttack.*PromptAttack"):
+        check_component_classes([none], [spec("attack", "sideways", f"{plugin}:Sideways")])
+    with pytest.raises(RegistryError, match=rf"method oops: '{plugin}:ShiftOut' is not a subclass of .*Method"):
+        check_component_classes([spec("method", "oops", f"{plugin}:ShiftOut")], [])

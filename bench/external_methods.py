@@ -74,8 +74,9 @@ def registry_for_run(path: str | Path | None, overrides: list[str], methods: str
                      includes: list[str | Path] | None = None) -> Registry:
     """The registry with this run's `--methods LABEL=path:PATH` labels defined BEFORE the --set overrides are
     applied, so `--set method.LABEL.allow_pickle=true` finds LABEL (Registry.load applies overrides at once).
-    What `bench run` should load its registry with (it calls Registry.load(path, overrides) today)."""
-    reg = Registry.load(path, (), includes) if includes else Registry.load(path)
+    `bench run` loads its registry with this; request_from defines the same labels again (idempotent), so library
+    callers that skip this function still get them."""
+    reg = Registry.load(path, (), includes or ())
     if methods:
         define_methods(reg, tuple(m.strip() for m in methods.split(",") if m.strip()))
     for item in overrides:

@@ -83,7 +83,7 @@ def check_safetensors(path: str | Path) -> None:
                              f"the file is {'truncated' if data < end else 'padded or corrupt'}")
 
 
-PICKLE_GLOBS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+PICKLE_GLOBS = tuple(f"*{s}" for s in PICKLE_SUFFIXES)  # what a download skips: what loading refuses
 
 
 def download_command(repo: str, *files: str, exclude: tuple[str, ...] = PICKLE_GLOBS) -> str:

@@ -174,7 +174,8 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
                                  "store": str(store_dir.resolve()), "run_id": run_id, "status": "running"}
     write_run_json(out_dir, info)
     tasks = Runner.task_list(plan)
-    state = RunState(estimate_stages(plan), {t: task_label(plan, t) for t in tasks})
+    estimate = estimate_stages(plan)
+    state = RunState(estimate, {t: task_label(plan, t) for t in tasks})
     with RunProgress(state, quiet=quiet, interval=progress_interval) as progress:
         collect = _Collector(plan, out_dir, progress)
         if executor in ("slurm", "submitit-local"):
@@ -192,7 +193,7 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
                                collect):
                 progress.log(f"running {len(devices)} workers: {', '.join(devices)}")
                 run_workers(plan, store_dir, store.code_version, devices, batch_size, collect, run_id, per_worker,
-                            on_event=progress.handle)
+                            on_event=progress.handle, cost=estimate)
         else:
             store.observer = progress.observer(0)
             runner = Runner(plan, store, device=device, batch_size=batch_size, progress=progress.runner_progress)

@@ -110,11 +110,23 @@ def worker_threads(devices: list[str]) -> int:
     return max(1, (os.cpu_count() or 1) // len(devices)) if all(d == "cpu" for d in devices) else 0
 
 
+def worker_order(tasks: list[Task], cost: dict[Task, int] | None = None) -> list[Task]:
+    """The order workers take tasks in: longest first, so the run does not end on one worker finishing a long
+    relearning cell while the others idle (the cost is the task's foreseen stage count, execute.estimate_stages:
+    a task with more checkpoints trains and generates more). Among equal costs attack-major, then seed, then
+    method, so that tasks running side by side need different (seed, method) unlearn stages and seeds' data
+    sets, and workers compute distinct expensive stages instead of waiting at one lock."""
+    cost = cost or {}
+    return sorted(tasks, key=lambda t: (-cost.get(t, 0), t[2], t[0], t[1]))
+
+
 def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[str], batch_size: int,
                 on_result: Callable[[TaskResult], None], run_id: str = "", threads: int | None = None,
-                on_event: Callable[[tuple[Any, ...]], None] | None = None) -> None:
+                on_event: Callable[[tuple[Any, ...]], None] | None = None,
+                cost: dict[Task, int] | None = None) -> None:
     """Run all tasks on len(devices) spawned workers; on_result(result) in the parent as each task finishes, and
     on_event(event) for each progress event (bench/progress.py) - always before the result of the task it is part of.
+    cost: each task's foreseen size, for worker_order (none: attack-major order).
 
     A worker that dies (out of memory, killed) fails the tasks it had not returned, with that reason."""
     import multiprocessing as mp
@@ -137,9 +149,8 @@ def run_workers(plan: Plan, store_dir: Path, code_version: str, devices: list[st
         else None
     readers = [r for r, _ in pipes]
     try:
-        # attack-major: the first tasks each need a different (seed, method) unlearn stage, so workers start
-        # distinct expensive stages instead of waiting at one lock; rows are reassembled in canonical order
-        futures = {pool.submit(_do_task, t): t for t in sorted(tasks, key=lambda t: (t[2], t[0], t[1]))}
+        # longest first, spread over seeds (worker_order); rows are reassembled in canonical order
+        futures = {pool.submit(_do_task, t): t for t in worker_order(tasks, cost)}
         pending = set(futures)
         while pending:
             done, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)

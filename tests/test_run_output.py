@@ -248,3 +248,16 @@ def test_run_state_counts_estimates_and_time_left():
     assert state.total() == state.done() == 4 and state.eta() is None
     assert state.status_line() == "[0:20] 2/2 tasks, stages 4/4 (1 cached, 3 computed)"
     assert duration(3723) == "1:02:03"
+
+
+def test_workers_take_the_longest_tasks_first_spread_over_seeds():
+    """The default suite's shape: esd x finetune cells cost most; tasks side by side need different seeds."""
+    from unlearn_bench.parallel import worker_order
+
+    tasks = [(s, m, a) for s in (0, 1) for m in (0, 1) for a in (0, 1)]
+    cost = {t: (5 if t[2] == 0 else 17) + (1 if t[1] == 1 else 0) for t in tasks}  # a=1 finetune, m=1 esd
+    order = worker_order(tasks, cost)
+    assert order[:2] == [(0, 1, 1), (1, 1, 1)]  # both expensive unlearn+finetune cells, on different seeds
+    assert [cost[t] for t in order] == sorted(cost.values(), reverse=True)
+    assert order[-2:] == [(0, 0, 0), (1, 0, 0)]  # the cheapest (no method, no attack) last
+    assert worker_order(tasks) == sorted(tasks, key=lambda t: (t[2], t[0], t[1]))  # no costs: attack-major

@@ -209,18 +209,38 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     keys: dict[str, list[str]] = {}
     for stage, key in sorted(outcome.touched):
         keys.setdefault(stage, []).append(key)
+    compute = compute_seconds(store, outcome.touched, run_id)
     info |= {"stages": dict(outcome.counts), "seconds": round(time.time() - started, 2),
-             "status": "failed cells" if outcome.failures else "complete", "failures": outcome.failures,
-             "store_keys": keys}
+             "compute_seconds": compute, "status": "failed cells" if outcome.failures else "complete",
+             "failures": outcome.failures, "store_keys": keys}
     write_run_json(out_dir, info)
     if not quiet:
+        spent = ", ".join(f"{k} {v:.0f}s" for k, v in compute.items())
         print(f"stages: {outcome.counts['cached']} cached, {outcome.counts['computed']} computed "
-              f"({info['seconds']:.1f}s)", file=sys.stderr, flush=True)
+              f"({info['seconds']:.1f}s){f'; computing took {spent}' if spent else ''}", file=sys.stderr, flush=True)
     if outcome.failures:
         print_failures(outcome.failures, out_dir)
     judge = (plan.concept.metrics or (None,))[0]
     print(render_summary(outcome.rows, out_dir, judge, len(outcome.failures), len(tasks)), flush=True)
     return outcome
+
+
+def compute_seconds(store: Any, touched: set[tuple[str, str]], run_id: str) -> dict[str, float]:
+    """Seconds spent computing each stage kind in this run (summed over workers, so on N workers the total is
+    up to N x the wall time), from the manifests this run wrote (they carry its run id): where a run's time goes,
+    in run.json, without a profiler. A stage computed inside another (a metric's reference features, inside a
+    score) counts in both. Largest first."""
+    import json
+
+    totals: dict[str, float] = {}
+    for stage, key in touched:
+        try:
+            manifest = json.loads((store.path(stage, key) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if manifest.get("run_id") == run_id:
+            totals[stage] = totals.get(stage, 0.0) + float(manifest.get("seconds", 0.0))
+    return {k: round(v, 1) for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
 def _all_cached(plan: Plan, store: Any, device: str, batch_size: int, threads: int | None,

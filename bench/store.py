@@ -369,7 +369,7 @@ class Store:
             files = {p.relative_to(tmp).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             manifest = {"scheme": HASH_SCHEME, "stage": stage, "key": key, "inputs": thaw(inputs),
-                        "code_version": self.code_version,
+                        "code_version": self.code_version, "run_id": self.run_id,
                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                         "seconds": round(time.time() - started, 3), "files": files, "meta": meta}
             write_json_atomic(tmp / "manifest.json", manifest)

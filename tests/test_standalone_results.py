@@ -113,6 +113,10 @@ def test_cached_rerun_is_added_and_the_computing_run_stays_on_top(history):
     rerun = second["runs"][1]
     assert rerun["run_id"] != first["run_id"] and rerun["stages"]["computed"] == 0 and rerun["stages"]["cached"] > 0
     assert rerun["status"] == "complete" and rerun["argv"] and rerun["git"]["commit"] and rerun["finished_at"]
+    spent = first["compute_seconds"]  # where the computing run's time went, by stage kind, largest first
+    assert {"generate", "score"} <= set(spent) and all(v >= 0 for v in spent.values())
+    assert list(spent.values()) == sorted(spent.values(), reverse=True)
+    assert rerun["compute_seconds"] == {}  # a cached re-run computed nothing
     assert second["runs"][0] == first["runs"][0]  # the computing run's record is never rewritten
     for key in ("run_id", "stages", "seconds", "store_keys", "git", "device", "argv", "status"):
         assert second[key] == first[key], key  # the top level still describes the run that computed the results

@@ -21,8 +21,12 @@ the guide prompt's output at the same position.
 SD defaults (official uce_sd_erase.py argparse): lam 0.5, erase_scale 1, preserve_scale 1, guide "" (the script
 uses "art" for concept_type art), both to_k and to_v edited. Preserve set: the official default is none; this
 harness defaults to the concept's related + unrelated prompts (`preserve: null`), and `preserve: []` gives the
-official behaviour. Named deviations: the solve runs in float64 (official: float32 torch.inverse), and the
-official `--expand_prompts` templating is not implemented (list the prompts in `erase` instead).
+official behaviour. A preserve prompt that is also an erase prompt is kept in both sums, as the official script
+keeps it (the least-squares edit then weighs the two constraints against each other); the unlearn stage's
+diagnostics list such prompts (`preserve_also_erased`). The text embeddings are computed in fp32 whatever the
+model's precision (autocast off; a bf16 encoder moved the edit by ~1% of its size), as the official fp32 edit sees
+them. Named deviations: the solve runs in float64 (official: float32 torch.inverse), and the official
+`--expand_prompts` templating is not implemented (list the prompts in `erase` instead).
 The edit works unchanged on SDXL (its encode_prompt already concatenates both encoders' states, which is what its
 attn2 projections read; both SDXL tokenizers share CLIP's BPE, so the last-token index is the same).
 """
@@ -57,7 +61,8 @@ def text_vectors(model: Any, texts: list[str], tokens: str) -> torch.Tensor:
         raise ValueError(f"uce: tokens={tokens!r}; allowed: {list(TOKEN_CHOICES)}")
     if not texts:
         return torch.zeros(0, 0)
-    hidden = model.encode_prompt(texts).hidden.detach().double()  # [N, L, D]
+    with model.full_precision():  # fp32 embeddings under a bf16 model too: the solve is exact only on them
+        hidden = model.encode_prompt(texts).hidden.detach().double()  # [N, L, D]
     if tokens == "all":
         return hidden.reshape(-1, hidden.shape[-1])
     idx = torch.tensor([last_subject_index(model.tokenizer, t) for t in texts], device=hidden.device)
@@ -100,7 +105,6 @@ class UCE(Method):
             raise ValueError(f"uce: {len(erase)} erase prompts but {len(guide)} guide prompts (give one or as many)")
         pres = p.get("preserve")
         preserve = list(self.concept.role_prompts("retain")) if pres is None else list(pres)
-        preserve = [q for q in preserve if q not in erase]
         return erase, guide, preserve
 
     def apply(self, model: Any, seed: int) -> None:
@@ -123,4 +127,5 @@ class UCE(Method):
                 w_new = uce_solve(w0, c_e, v_star, c_p, lam, s_e, s_p)
                 layer.weight.copy_(w_new.to(layer.weight.dtype))
         self.diagnostics = {"edited_layers": len(layers), "erase": erase, "guide": guide,
-                            "n_preserve": len(preserve), "tokens": tokens}
+                            "n_preserve": len(preserve), "tokens": tokens,
+                            "preserve_also_erased": [q for q in preserve if q in erase]}

@@ -82,6 +82,42 @@ def test_uce_is_deterministic(tiny_model, registry):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_uce_edit_under_bf16_precision_equals_the_fp32_edit(tiny_model, registry):
+    """The closed form reads fp32 text embeddings whatever the model's precision: the bf16 model's edit is the fp32
+    edit (and the bf16-autocast embeddings it avoids are measurably different, so this test can fail)."""
+    from dataclasses import replace
+
+    from unlearn_bench.methods.uce import text_vectors
+    from unlearn_bench.models.loading import load_model
+
+    bf16 = load_model(replace(registry.model("tiny"), precision="bf16"), "cpu")
+    assert bf16.amp_dtype is torch.bfloat16
+    exact, edited = _run(tiny_model, registry, "uce"), _run(bf16, registry, "uce")
+    assert exact.keys() == edited.keys() and exact
+    for k in exact:
+        assert (exact[k] - edited[k]).abs().max() < 1e-5, k
+    with torch.no_grad():
+        autocast = bf16.encode_prompt(["nudity"]).hidden.double()[0, 1]
+    assert (autocast - text_vectors(bf16, ["nudity"], "last")[0]).abs().max() > 1e-4
+    assert bf16.amp_dtype is torch.bfloat16  # full_precision() restores the model's setting
+
+
+def test_uce_keeps_a_preserve_prompt_that_is_also_erased(tiny_model, registry):
+    """As the official script: the overlapping prompt stays in both sums (listed in the diagnostics)."""
+    from unlearn_bench.methods_runtime import build_method
+
+    reg = Registry.load(overrides=["method.uce.preserve=[nudity, a photo]"])
+    method = build_method(reg.method("uce", reg.model("tiny")), reg.concept("nudity"))
+    erase, _, preserve = method.prompts()
+    assert erase == ["nudity"] and preserve == ["nudity", "a photo"]
+    tiny_model.load_state([])
+    try:
+        method.apply(tiny_model, 0)
+    finally:
+        tiny_model.load_state([])
+    assert method.diagnostics["preserve_also_erased"] == ["nudity"] and method.diagnostics["n_preserve"] == 2
+
+
 # --- SalUn ---------------------------------------------------------------------------------------------------
 def test_saliency_mask_keeps_the_largest_gradients():
     from unlearn_bench.methods.salun import saliency_mask

@@ -173,6 +173,22 @@ class DiffusionModel:
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                               enabled=self.amp_dtype is not None)
 
+    def full_precision(self) -> Any:
+        """Autocast switched off inside (a nested autocast() then runs fp32 too): for closed-form edits, whose
+        normal equations must see fp32 text embeddings whatever the model's precision (UCE, RECE)."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def off() -> Any:
+            saved, self.amp_dtype = self.amp_dtype, None
+            try:
+                with torch.autocast(self.device.type, enabled=False):
+                    yield
+            finally:
+                self.amp_dtype = saved
+
+        return off()
+
     def frozen_copy(self, module: torch.nn.Module) -> torch.nn.Module:
         """A frozen teacher/reference copy (e.g. ESD's original UNet), kept in bf16 under bf16 precision."""
         import copy

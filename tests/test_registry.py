@@ -234,3 +234,17 @@ def test_validate_imports_every_module_by_default(tmp_path):
                           text=True, timeout=300)
     assert fast.returncode == 0, fast.stderr  # parsing finds the class
     assert full.returncode == 2 and "no_such_dependency_xyz" in full.stderr and "Traceback" not in full.stderr
+
+
+@pytest.mark.parametrize("name, train, eta", [("esd-u-1", "esd-u", 1.0), ("esd-u-3", "esd-u", 3.0),
+                                              ("esd-f-3", "esd-all", 3.0)])
+def test_meta_unlearning_esd_variants_name_their_parameter_set_and_negative_guidance(name, train, eta):
+    """ESD-u-1 / ESD-u-3 / ESD-f-3: the parameter set (u = no cross-attention, f = full) and eta in the name, on SD
+    with the Meta-Unlearning script's optimiser settings, and on the toy with the toy scale of esd."""
+    reg = Registry.load()
+    sd, toy = reg.method(name, reg.model("sd14")), reg.method(name, reg.model("toy"))
+    for spec in (sd, toy):
+        assert (spec.params["train"], spec.params["eta"]) == (train, eta)
+    assert (sd.params["optimizer"], sd.params["weight_decay"], sd.params["grad_clip"]) == ("adamw", 1e-4, 1.0)
+    assert sd.params["iterations"] == 1000 and sd.params["lr"] == 1e-5
+    assert toy.params["iterations"] == reg.method("esd", reg.model("toy")).params["iterations"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -58,6 +58,11 @@ def neither_kind(cls: type) -> str:
 
 class WeightAttack(Attack, ABC):
     """An attack that changes weights: relearning by finetuning, LoRA, DreamBooth."""
+
+    # Does run() sample the model under attack (DreamBooth's class images)? Then a method's sampling-time guidance
+    # (SLD) is part of the attack stage's key. False lets a method that only changes sampling share the trained
+    # checkpoints of `none` (the weights are identical). True by default: a plug-in is assumed to sample.
+    samples_model: ClassVar[bool] = True
 
     @abstractmethod
     def steps(self) -> list[int]:

@@ -41,6 +41,8 @@ class DreamBooth(Finetune):
     """Params: identifier, class_noun, instance_template, class_template, eval_template, n_class_images,
     prior_loss_weight, rank (0 = full UNet, else LoRA rank), plus Finetune's (lr, steps, batch_size, ...)."""
 
+    samples_model = True  # its class images come from the attacked model (with the method's guidance)
+
     def steps(self) -> list[int]:
         steps = sorted({int(s) for s in self.spec.params["steps"]})
         if not steps or steps[0] < 0 or steps[-1] <= 0:

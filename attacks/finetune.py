@@ -24,6 +24,10 @@ from unlearn_bench.training import train
 
 
 class Finetune(WeightAttack):
+    """Relearning by finetuning (full UNet, chosen modules, or LoRA in a subclass) on the attack's image set."""
+
+    samples_model = False  # trains on data made by the original model (or a folder); never samples itself
+
     def steps(self) -> list[int]:
         steps = sorted({int(s) for s in self.spec.params["steps"]})
         if not steps or steps[0] <= 0:

@@ -23,6 +23,8 @@ Deviations, each deliberate:
   not on the optimised token ids; the rewrite of a prompt that never succeeds is its last argmax prompt.
 - Prompts whose tokens do not fit beside the k prefix tokens are truncated (the official loader silently drops
   prompts over 60 tokens): every record carries `truncated_tokens`, and the count of truncated prompts is logged.
+- The model under attack samples (pre-check, judge loop) with its own sampling-time guidance, e.g. SLD, as the
+  official code judges SLD (src/tasks/classifier_.py); the loss uses the UNet's raw prediction, as there.
 - Noise and token samples come from per-prompt seeded generators, so prompts can be attacked in batches
   (`batch_size`) with the same result as one at a time; the loss is the model's own denoising target (v for
   v-prediction models such as the toy model and SD 2.x).
@@ -151,12 +153,14 @@ class UnlearnDiffAtk(PromptAttack):
 
     def _targets(self, model: Any, prompts: list[str], seeds: list[int], original: Any,
                  guidance: list[float] | None = None) -> torch.Tensor:
-        """Latents of the ORIGINAL model's images of the prompts (same seeds); the attacked state is restored."""
-        attacked = model.delta()
+        """Latents of the ORIGINAL model's images of the prompts (same seeds); the attacked state (weights and
+        sampling-time guidance such as SLD, which the original model samples without) is restored."""
+        attacked, hook = model.delta(), getattr(model, "sampling_guidance", None)
         orig = original()
         images = orig.sample(prompts, seeds, guidance=guidance)
         if orig is model:
             model.load_state([attacked])
+            model.sampling_guidance = hook
         with torch.no_grad():
             return model.codec.encode(uint8_to_images(images).to(model.device))
 

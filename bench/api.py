@@ -8,10 +8,10 @@ other: LoRA subclasses Finetune, AdvUnlearn reuses ESD's target), which tests/te
 Public modules:
 - unlearn_bench.api                  this module: the names below, re-exported
 - unlearn_bench.methods.base         Method (gradient: trainable + loss; closed-form: apply; hooks prepare, finish,
-                                     cleanup, diagnostics, data_requests, train_settings; changes_weights),
-                                     NoUnlearning, select_parameters
-- unlearn_bench.attacks.base         Attack, WeightAttack (steps, run; hooks data_request, eval_prompts),
-                                     PromptAttack (rewrite), NoAttack, AttackData
+                                     cleanup, diagnostics, data_requests, train_settings, sampling_guidance;
+                                     changes_weights, wrap_refusal), NoUnlearning, select_parameters
+- unlearn_bench.attacks.base         Attack, WeightAttack (steps, run; hooks data_request, eval_prompts;
+                                     samples_model), PromptAttack (rewrite), NoAttack, AttackData
 - unlearn_bench.metrics.base         Metric (score; hooks preflight, bind, reference_key, settings, judge),
                                      MetricResult, rate, SCOPES
 - unlearn_bench.components           MetricContext (device, numerics, cached, key, resolve_path), MetricResult
@@ -19,7 +19,8 @@ Public modules:
 - unlearn_bench.data                 DataRequest, ImageSet, request_for: the image sets methods and attacks ask for
 - unlearn_bench.training             train, make_optimizer: the one shared training loop
 - unlearn_bench.finite               NonFinite, check_loss, check_tensors, check_value
-- unlearn_bench.models.base          DiffusionModel, Cond, sample_seed, uint8_to_images, images_to_uint8
+- unlearn_bench.models.base          DiffusionModel, Cond, SamplingGuidance (a method's sampling-time guidance,
+                                     e.g. SLD), sample_seed, uint8_to_images, images_to_uint8
 - unlearn_bench.images               IMAGE_SUFFIXES, load_images, save_images
 - unlearn_bench.compat               ensure_torchvision_importable (before importing torchvision users)
 - unlearn_bench.checkpoints          reading and loading weights made outside the harness (detect, load_into)

@@ -16,10 +16,29 @@ from unlearn_bench.training import train
 def build_method(spec: ComponentSpec, concept: ConceptSpec) -> Method:
     """The method with its wrappers applied innermost first (esd+meta -> Meta(ESD)); each class checked to be a
     Method."""
+    check_wrappable(spec)
     method = build_component(spec, Method, concept)
     for wrapper in spec.wrappers:
         method = build_component(wrapper, Method, concept, method)
     return method
+
+
+def check_wrappable(spec: ComponentSpec) -> None:
+    """A wrapped method (sld+meta) whose class refuses wrappers (Method.wrap_refusal) raises RegistryError with
+    the class's reason; plan time calls this so the run stops with exit 2 before any model loads."""
+    if not spec.wrappers:
+        return
+    reason = component_class(spec, Method).wrap_refusal
+    if reason:
+        from unlearn_bench.registry import RegistryError
+
+        names = "+".join(w.name for w in spec.wrappers)
+        raise RegistryError(f"method {spec.name}: +{names} cannot wrap {spec.name.split('+')[0]}: {reason}")
+
+
+def sampling_guidance(spec: ComponentSpec, concept: ConceptSpec) -> Any:
+    """The method's sampling-time guidance (Method.sampling_guidance), from a fresh instance: nothing trains."""
+    return build_method(spec, concept).sampling_guidance()
 
 
 def changes_weights(spec: ComponentSpec) -> bool:

@@ -160,10 +160,12 @@ def check_component_classes(methods: list[ComponentSpec], attacks: list[Componen
     from unlearn_bench.attacks.base import Attack, PromptAttack, WeightAttack, neither_kind
     from unlearn_bench.components import component_class
     from unlearn_bench.methods.base import Method
+    from unlearn_bench.methods_runtime import check_wrappable
 
     for spec in methods:
         for part in (spec, *spec.wrappers):
             component_class(part, Method)
+        check_wrappable(spec)  # e.g. sld+meta: SLD changes sampling, there are no weights for +meta to train
     for spec in attacks:
         cls = component_class(spec, Attack)
         if not issubclass(cls, WeightAttack | PromptAttack):

@@ -18,7 +18,7 @@ the MetricContext it is bound to. Rows are ResultRows (bench.results), handed on
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +101,7 @@ class State:
     attack_key: str | None
     files: list[Path] = field(default_factory=list)
     prompts: dict[str, list[str]] = field(default_factory=dict)  # scope -> rewritten prompts (prompt attacks)
+    guidance: Any = None  # the method's sampling-time guidance (SLD), applied to every image of this state
 
 
 class Runner:
@@ -115,6 +116,7 @@ class Runner:
         self.model_id = plan.model.identity()
         self.numerics = numerics(device, threads)
         self.sampling_numerics = self.numerics | {"batch_size": batch_size}
+        self._guidance: dict[str, Any] = {}
 
     def _stage(self, stage: str, inputs: dict[str, Any], compute: Any, label: str,
                sampling: bool = False) -> Entry:
@@ -131,7 +133,21 @@ class Runner:
             raise CellFailed(stage, label, f"{type(exc).__name__}: {exc}") from exc
 
     # --- model -----------------------------------------------------------------------------------------------
-    def model(self, deltas: list[Path] | None = None) -> Any:
+    def guidance(self, method: ComponentSpec | str) -> tuple[Any, dict[str, Any]]:
+        """The method's sampling-time guidance (Method.sampling_guidance, e.g. SLD; built without training) or None,
+        and what every stage that samples the model under it adds to its key: the method's identity and the resolved
+        guidance (its text depends on the concept), so `none` and `sld` never share images ({} without one)."""
+        spec = method if isinstance(method, ComponentSpec) else next(m for m in self.plan.methods if m.name == method)
+        if spec.name not in self._guidance:
+            from unlearn_bench.methods_runtime import sampling_guidance
+
+            hook = sampling_guidance(spec, self.plan.concept)
+            self._guidance[spec.name] = hook, {} if hook is None else {"sampling_guidance": {
+                "method": component_identity(spec), "resolved": hook.describe()}}
+        return self._guidance[spec.name]
+
+    def model(self, deltas: list[Path] | None = None, guidance: Any = None) -> Any:
+        """Base weights + deltas, sampling with `guidance` (None for the original model and the data it makes)."""
         from unlearn_bench.models.base import load_delta
         from unlearn_bench.models.loading import load_model
 
@@ -145,6 +161,7 @@ class Runner:
         for d in loaded:  # LoRA checkpoints (attacks/lora.py) are merged on top of the base + unlearned weights
             if is_lora_delta(d):
                 merge_lora(self._model, d)
+        self._model.sampling_guidance = guidance
         return self._model
 
     # --- stages ----------------------------------------------------------------------------------------------
@@ -225,23 +242,28 @@ class Runner:
         attack = self.build_attack(attack_spec)
         base_files = [unlearned.file("delta.safetensors")] if unlearned else []
         ukey = unlearned.key if unlearned else None
+        hook, hook_key = self.guidance(method)
         eval_prompts = dict(attack.eval_prompts(self.plan.prompts))  # {} = the plan's (DreamBooth: its own)
         if isinstance(attack, PromptAttack):
             return [self.prompt_attack(attack, attack_spec, method, unlearned, seed, eval_prompts)]
         steps = attack.steps()
         if steps == [0]:
-            return [State(method.name, attack_spec.name, 0, ukey, None, base_files, dict(eval_prompts))]
+            return [State(method.name, attack_spec.name, 0, ukey, None, base_files, dict(eval_prompts), hook)]
         req = attack.data_request()
         data_entry = self.data(req, seed, "attack data") if req is not None else None
+        # guidance in the key only for an attack that samples the model under attack (DreamBooth's class images):
+        # finetuning under `sld` trains the same weights as under `none` and shares its checkpoints
         inputs = {"model": self.model_id, "unlearned": ukey, "attack": component_identity(attack_spec),
                   "data": data_entry.key if data_entry else None, "seed": seed}
+        if attack.samples_model:
+            inputs |= hook_key
 
         def compute(tmp: Path) -> dict[str, Any]:
             from unlearn_bench.models.base import save_delta
 
             data = self.image_set(data_entry) if data_entry is not None else None
             label = f"attack {attack_spec.name} on {method.name}"
-            model = self.model(base_files)
+            model = self.model(base_files, hook)
 
             def save(step: int, tensors: dict | None = None, metadata: dict[str, str] | None = None) -> None:
                 # default: the changed base tensors; an attack may store its own tensors instead (LoRA factors)
@@ -255,7 +277,7 @@ class Runner:
         entry = self._stage("attack", inputs, compute, f"attack {attack_spec.name} on {method.name} seed {seed}")
         # base_files first: a checkpoint may hold only what the attack adds (LoRA factors, or nothing at step 0)
         return [State(method.name, attack_spec.name, s, ukey, entry.key,
-                      [*base_files, entry.file(f"step-{s}.safetensors")], dict(eval_prompts)) for s in steps]
+                      [*base_files, entry.file(f"step-{s}.safetensors")], dict(eval_prompts), hook) for s in steps]
 
     def metric(self, spec: ComponentSpec) -> Metric:
         """The metric object, bound to this runner's context (device, numeric environment, store)."""
@@ -284,13 +306,15 @@ class Runner:
                   "sampling": self.plan.model.sampling(), "judge": judge_name}
         if guidance is not None:
             inputs["guidance"] = guidance
+        hook, hook_key = self.guidance(method)  # the attacked model samples (pre-check, judge loop) with it
+        inputs |= hook_key
 
         def compute(tmp: Path) -> dict[str, Any]:
-            model = self.model(base_files)
+            model = self.model(base_files, hook)
             rewrites, info = attack.rewrite(model, prompts, seeds, self.judge(),
                                             original=lambda: self.model([]), progress=self.progress,
                                             guidance=guidance)
-            self.model(base_files)
+            self.model(base_files, hook)
             (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "rewrites": rewrites, "info": info},
                                                          indent=1, default=str))
             return {"n": len(rewrites)}
@@ -298,7 +322,7 @@ class Runner:
         entry = self._stage("attack", inputs, compute, f"attack {spec.name} on {method.name} seed {seed}")
         rewrites = json.loads(entry.file("prompts.json").read_text())["rewrites"]
         return State(method.name, spec.name, 0, unlearned.key if unlearned else None, entry.key, base_files,
-                     eval_prompts | {"target": rewrites})
+                     eval_prompts | {"target": rewrites}, hook)
 
     def _generate(self, prompts: list[str], seeds: list[int], label: str, guidance: list[float] | None = None) -> Any:
         task = self.progress.add(label, len(prompts))
@@ -316,14 +340,16 @@ class Runner:
                   "sampling": self.plan.model.sampling(), "prompts": prompts, "seeds": seeds}
         if guidance is not None:
             inputs["guidance"] = guidance
+        inputs |= self.guidance(state.method)[1]
+        hooked = {} if state.guidance is None else {"sampling_guidance": state.guidance.describe()}
 
         def compute(tmp: Path) -> dict[str, Any]:
-            self.model(state.files)
+            self.model(state.files, state.guidance)
             images = self._generate(prompts, seeds, f"generate {state.method}/{state.attack}@{state.step}", guidance)
             names = save_images(tmp / "images", images)
             info = {"files": names, "prompts": prompts, "seeds": seeds} | ({"guidance": guidance} if guidance else {})
-            (tmp / "images.json").write_text(json.dumps(info, indent=1))
-            return {"n": len(names)}
+            (tmp / "images.json").write_text(json.dumps(info | hooked, indent=1))
+            return {"n": len(names)} | hooked
 
         label = f"generate {state.method}/{state.attack}@{state.step} seed {seed}"
         return self._stage("generate", inputs, compute, label, sampling=True)
@@ -374,7 +400,10 @@ class Runner:
                     if metric_spec.params.get("scope", "target") != scope:
                         continue
                     scored = self.score(images, metric_spec)
-                    rows += variant_rows(score_row(plan, state, metric_spec, scored, images, seed, scope), scored.meta)
+                    row = score_row(plan, state, metric_spec, scored, images, seed, scope)
+                    if state.guidance is not None:  # e.g. sampler "ddim+sld"; the parameters: generate manifest
+                        row = replace(row, sampler=f"{row.sampler}+{state.guidance.name}")
+                    rows += variant_rows(row, scored.meta)
         return [r.as_record() for r in rows]
 
     def run(self) -> list[dict[str, Any]]:

@@ -9,6 +9,8 @@ below is an optional hook with a documented no-op default, and the runner calls 
 subclass overrides only what it needs. The call order per (method, seed), on a freshly loaded base model:
 data_requests() -> [self.data filled in] -> prepare() -> the shared loop over trainable()/loss() with
 train_settings(), or apply() -> finish() -> diagnostics read -> cleanup() (always, even after a failure).
+Separately, sampling_guidance() is read (on a fresh instance, without training) by every stage that samples the
+model under this method: a method that changes sampling rather than weights (SLD) returns its guidance there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from unlearn_bench.data import DataRequest, ImageSet
+from unlearn_bench.models.base import SamplingGuidance
 from unlearn_bench.specs import ComponentSpec, ConceptSpec
 
 
@@ -27,6 +30,8 @@ class Method:
     # False only for methods that leave every weight as it is (`none`): the runner then stores no unlearn stage
     # and evaluates the base model directly (a wrapper around such a method still runs, e.g. `none+meta`).
     changes_weights: ClassVar[bool] = True
+    # Non-empty: why no wrapper (`+meta`) can wrap this method; planning stops with this reason (exit 2).
+    wrap_refusal: ClassVar[str] = ""
 
     def __init__(self, spec: ComponentSpec, concept: ConceptSpec) -> None:
         self.spec = spec
@@ -71,6 +76,13 @@ class Method:
 
     def cleanup(self) -> None:
         """Drop what prepare() built (frozen copies) so memory returns before the next stage."""
+
+    # sampling
+    def sampling_guidance(self) -> SamplingGuidance | None:
+        """Guidance applied whenever the model under this method samples (evaluation images, attacks' samples of
+        the attacked model, UnlearnDiffAtk's judge loop), also after a relearning attack changed the weights;
+        None (the default) = plain classifier-free guidance. Its identity joins the keys of those stages."""
+        return None
 
     # shared-loop settings
     def train_settings(self) -> dict[str, Any]:

@@ -41,6 +41,34 @@ class Cond:
         added = None if self.added is None else {k: v.detach() for k, v in self.added.items()}
         return Cond(self.hidden.detach(), added)
 
+    def repeat(self, n: int) -> Cond:
+        """A one-row condition repeated n times (a fixed extra text shared by every sample of a batch)."""
+        return self.index(torch.zeros(n, dtype=torch.long, device=self.hidden.device))
+
+
+class SamplingGuidance:
+    """A change to classifier-free guidance made while sampling, not in the weights (SLD, methods/sld.py). Every
+    stage that samples (evaluation, attacks sampling the attacked model, UnlearnDiffAtk's judge) goes through
+    DiffusionModel.sample, so a hook set there applies everywhere at once. The sampler batches one UNet branch per
+    text of `prompts()` after the unconditional and prompt branches, and asks `guide` for the guided prediction."""
+
+    name: str = "guidance"  # short label for records (the results' sampler column: "ddim+sld")
+
+    def prompts(self) -> list[str]:
+        """Extra conditioning texts, each one UNet branch shared by every sample (SLD: the safety concept)."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-able parameters, recorded in the manifests of the stages that sampled with this hook."""
+        return {"name": self.name}
+
+    def guide(self, uncond: torch.Tensor, text: torch.Tensor, extra: list[torch.Tensor], scale: torch.Tensor,
+              step: int, state: dict[str, Any]) -> torch.Tensor:
+        """The guided prediction at step index `step` (0 = the first denoising step) from the unconditional, prompt
+        and extra-branch predictions; scale: per-sample guidance [B,1,1,1]; state: a dict that lives for one
+        batch's trajectory (momentum). Plain classifier-free guidance by default."""
+        return uncond + scale * (text - uncond)
+
 
 class PixelShuffleCodec:
     """Lossless codec: image [-1,1] <-> latent via pixel_unshuffle. Used by the toy model instead of a VAE."""
@@ -132,6 +160,9 @@ class DiffusionModel:
             m.eval()
         codec.to(self.device)
         self._original: dict[str, torch.Tensor] | None = None
+        # Sampling-time guidance every sample() call applies unless given another (SLD); None = plain CFG. The runner
+        # sets it with the model state it loads, so it is part of the state like the weights.
+        self.sampling_guidance: SamplingGuidance | None = None
 
     # --- components ------------------------------------------------------------------------------------------
     def autocast(self) -> Any:
@@ -276,36 +307,28 @@ class DiffusionModel:
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[str], seeds: Sequence[int], guidance: float | Sequence[float] | None = None,
-               steps: int | None = None, batch_size: int = 16,
-               on_batch: Callable[[int], None] | None = None) -> np.ndarray:
-        """Generate one image per (prompt, seed) with classifier-free guidance; returns uint8 [N,H,W,3]."""
+               steps: int | None = None, batch_size: int = 16, on_batch: Callable[[int], None] | None = None,
+               guidance_hook: SamplingGuidance | None = None) -> np.ndarray:
+        """Generate one image per (prompt, seed) with classifier-free guidance; returns uint8 [N,H,W,3].
+
+        guidance_hook: sampling-time guidance (SLD) for this call; None = the model's own `sampling_guidance`."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         g_all = [float(guidance if guidance is not None else self.spec.guidance)] * len(prompts) \
             if guidance is None or isinstance(guidance, int | float) else [float(g) for g in guidance]
         steps = int(steps or self.spec.steps)
+        hook = guidance_hook or self.sampling_guidance
         out = []
         for i in range(0, len(prompts), batch_size):
             p, s, g = list(prompts[i:i + batch_size]), seeds[i:i + batch_size], g_all[i:i + batch_size]
-            out.append(self._sample_batch(p, s, g, steps))
+            out.append(self._sample_batch(p, s, g, steps, hook))
             if on_batch:
                 on_batch(len(p))
         return np.concatenate(out) if out else np.zeros((0, self.resolution, self.resolution, 3), np.uint8)
 
-    def _sample_batch(self, prompts: list[str], seeds: Sequence[int], guidance: list[float], steps: int) -> np.ndarray:
-        sched = self.sampler()
-        sched.set_timesteps(steps, device=self.device)
-        latents = self.initial_noise(seeds) * sched.init_noise_sigma
-        cond = self.encode_prompt([""] * len(prompts)).cat(self.encode_prompt(prompts))
-        g = torch.tensor(guidance, device=self.device).view(-1, 1, 1, 1)
-        for t in sched.timesteps:
-            inp = sched.scale_model_input(torch.cat([latents, latents]), t)
-            uncond, text = self.predict(inp, t, cond).chunk(2)
-            latents = sched.step(uncond + g * (text - uncond), t, latents).prev_sample
-        if not bool(torch.isfinite(latents).all()):  # NaN would become a black image: never a score
-            from unlearn_bench.finite import NonFinite
-
-            raise NonFinite(f"sampling {self.spec.name}", "latents", None, f"prompts {prompts[:2]}")
+    def _sample_batch(self, prompts: list[str], seeds: Sequence[int], guidance: list[float], steps: int,
+                      hook: SamplingGuidance | None = None) -> np.ndarray:
+        latents = self.sample_latents(prompts, seeds, guidance, steps, hook)
         with self.autocast():
             decoded = self.codec.decode(latents)
         if not bool(torch.isfinite(decoded).all()):
@@ -313,6 +336,32 @@ class DiffusionModel:
 
             raise NonFinite(f"decoding {self.spec.name}", "images", None, f"prompts {prompts[:2]}")
         return images_to_uint8(decoded)
+
+    def sample_latents(self, prompts: list[str], seeds: Sequence[int], guidance: list[float], steps: int,
+                       hook: SamplingGuidance | None = None) -> torch.Tensor:
+        """The denoised latents of one batch. Without a hook: two UNet branches [uncond, prompt]; with one, its
+        extra texts are batched after them ([uncond, prompt, safety] for SLD, the order of diffusers' safe
+        pipeline) and hook.guide combines the predictions."""
+        sched = self.sampler()
+        sched.set_timesteps(steps, device=self.device)
+        latents = self.initial_noise(seeds) * sched.init_noise_sigma
+        cond = self.encode_prompt([""] * len(prompts)).cat(self.encode_prompt(prompts))
+        extra_texts = hook.prompts() if hook is not None else []
+        for text in extra_texts:  # encoded once and repeated, as diffusers encodes its safety concept
+            cond = cond.cat(self.encode_prompt([text]).repeat(len(prompts)))
+        branches = 2 + len(extra_texts)
+        g = torch.tensor(guidance, device=self.device).view(-1, 1, 1, 1)
+        state: dict[str, Any] = {}
+        for i, t in enumerate(sched.timesteps):
+            inp = sched.scale_model_input(torch.cat([latents] * branches), t)
+            uncond, text, *extra = self.predict(inp, t, cond).chunk(branches)
+            pred = uncond + g * (text - uncond) if hook is None else hook.guide(uncond, text, extra, g, i, state)
+            latents = sched.step(pred, t, latents).prev_sample
+        if not bool(torch.isfinite(latents).all()):  # NaN would become a black image: never a score
+            from unlearn_bench.finite import NonFinite
+
+            raise NonFinite(f"sampling {self.spec.name}", "latents", None, f"prompts {prompts[:2]}")
+        return latents
 
     # --- weights deltas --------------------------------------------------------------------------------------
     def snapshot(self) -> None:

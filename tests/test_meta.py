@@ -127,7 +127,7 @@ def test_second_order_agrees_with_finite_differences(tiny_model, registry):
 
 
 @pytest.mark.parametrize("name", ["none", "esd", "esd-x", "esd-u", "esd-all", "uce", "salun", "advunlearn", "fmn",
-                                  "erasediff", "scissorhands"])
+                                  "erasediff", "scissorhands", "ca"])
 def test_meta_composes_with_every_method(tiny_model, registry, name):
     if name not in registry.names("methods"):
         pytest.skip(f"{name} is not registered yet")

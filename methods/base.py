@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from unlearn_bench.data import DataRequest, ImageSet
-from unlearn_bench.models.base import SamplingGuidance
+from unlearn_bench.models.base import Cond, SamplingGuidance, uint8_to_images
 from unlearn_bench.specs import ComponentSpec, ConceptSpec
 
 
@@ -100,6 +100,24 @@ def select_parameters(module: torch.nn.Module, prefix: str, include: list[str] |
     exc = [re.compile(p) for p in exclude or []]
     return {f"{prefix}.{n}": p for n, p in module.named_parameters()
             if any(r.search(n) for r in inc) and not any(r.search(n) for r in exc)}
+
+
+@torch.no_grad()
+def encode_images(model: Any, images: Any, batch: int = 16) -> torch.Tensor:
+    """uint8 images [N, H, W, 3] -> the model's latents (fp32), encoded once before training: methods that train on
+    image sets (SalUn, EraseDiff, ScissorHands) keep their data as latents."""
+    out = [model.codec.encode(uint8_to_images(images[i:i + batch]).to(model.device)).float()
+           for i in range(0, len(images), batch)]
+    return torch.cat(out)
+
+
+def frozen_conditions(model: Any, prompts: list[str]) -> Cond:
+    """Text conditions for a method that trains the UNet only: one row per prompt, each unique text encoded once
+    and without gradient."""
+    uniq = sorted(set(prompts))
+    with torch.no_grad():
+        table = model.encode_prompt(uniq).detach()
+    return table.index(torch.tensor([uniq.index(q) for q in prompts], device=model.device))
 
 
 class NoUnlearning(Method):

@@ -43,8 +43,7 @@ from typing import Any
 import torch
 
 from unlearn_bench.data import DataRequest, request_for
-from unlearn_bench.methods.base import Method, select_parameters
-from unlearn_bench.models.base import Cond, uint8_to_images
+from unlearn_bench.methods.base import Method, encode_images, frozen_conditions, select_parameters
 
 # official --train_method choices, in diffusers names ("out." = conv_norm_out/conv_out, time_embed = time_embedding)
 TRAIN_CHOICES: dict[str, tuple[list[str], list[str]]] = {
@@ -75,21 +74,6 @@ class EraseDiff(Method):
                 "retain": request_for(self.concept, "retain", int(p["retain_images"]))}
 
     # --- set-up ----------------------------------------------------------------------------------------------
-    def _latents(self, model: Any, role: str) -> torch.Tensor:
-        images = self.data[role].images
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), 16):
-                out.append(model.codec.encode(uint8_to_images(images[i:i + 16]).to(model.device)).float())
-        return torch.cat(out)
-
-    @staticmethod
-    def _conds(model: Any, prompts: list[str]) -> Cond:
-        """Frozen text conditions (only the UNet trains), one row per prompt, each unique text encoded once."""
-        uniq = sorted(set(prompts))
-        with torch.no_grad():
-            table = model.encode_prompt(uniq).detach()
-        return table.index(torch.tensor([uniq.index(q) for q in prompts], device=model.device))
 
     def pseudo_prompts(self, captions: list[str]) -> list[str]:
         """c_ps per forget image: the caption with the target word swapped (`pseudo_swap`), else the fixed prompt."""
@@ -107,12 +91,12 @@ class EraseDiff(Method):
             if role not in self.data or len(self.data[role]) == 0:
                 raise ValueError(f"{self.spec.name} needs a non-empty '{role}' image set")
         self.scheduler = model.noise_scheduler()
-        self.x_forget = self._latents(model, "forget")
-        self.x_retain = self._latents(model, "retain")
+        self.x_forget = encode_images(model, self.data["forget"].images)
+        self.x_retain = encode_images(model, self.data["retain"].images)
         f_caps = list(self.data["forget"].captions)
-        self.c_forget = self._conds(model, f_caps)
-        self.c_pseudo = self._conds(model, self.pseudo_prompts(f_caps))
-        self.c_retain = self._conds(model, list(self.data["retain"].captions))
+        self.c_forget = frozen_conditions(model, f_caps)
+        self.c_pseudo = frozen_conditions(model, self.pseudo_prompts(f_caps))
+        self.c_retain = frozen_conditions(model, list(self.data["retain"].captions))
         self._order: dict[str, list[int]] = {}
 
     def cleanup(self) -> None:

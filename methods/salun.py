@@ -37,8 +37,8 @@ from typing import Any
 import torch
 
 from unlearn_bench.data import DataRequest, request_for
-from unlearn_bench.methods.base import Method, select_parameters
-from unlearn_bench.models.base import Cond, sample_seed, uint8_to_images
+from unlearn_bench.methods.base import Method, encode_images, frozen_conditions, select_parameters
+from unlearn_bench.models.base import sample_seed
 
 TRAIN_CHOICES: dict[str, tuple[list[str], list[str]]] = {"full": ([".*"], []), "xattn": (["attn2"], [])}
 NUDITY_BENIGN = "a photo of a person wearing clothes"
@@ -70,21 +70,6 @@ class SalUn(Method):
                 "retain": request_for(self.concept, "retain", int(p["retain_images"]))}
 
     # --- set-up ----------------------------------------------------------------------------------------------
-    def _latents(self, model: Any, role: str) -> torch.Tensor:
-        images = self.data[role].images
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(images), 16):
-                x = uint8_to_images(images[i:i + 16]).to(model.device)
-                out.append(model.codec.encode(x).float())
-        return torch.cat(out)
-
-    def _conds(self, model: Any, prompts: list[str]) -> Cond:
-        """Frozen text conditions (SalUn trains the UNet only), one row per prompt, encoded once per unique text."""
-        uniq = sorted(set(prompts))
-        with torch.no_grad():
-            table = model.encode_prompt(uniq).detach()
-        return table.index(torch.tensor([uniq.index(q) for q in prompts], device=model.device))
 
     def benign_prompts(self, captions: list[str]) -> list[str]:
         p = self.spec.params
@@ -106,14 +91,14 @@ class SalUn(Method):
             if role not in self.data or len(self.data[role]) == 0:
                 raise ValueError(f"salun needs a non-empty '{role}' image set")
         self.scheduler = model.noise_scheduler()
-        self.x_forget = self._latents(model, "forget")
-        self.x_retain = self._latents(model, "retain")
+        self.x_forget = encode_images(model, self.data["forget"].images)
+        self.x_retain = encode_images(model, self.data["retain"].images)
         f_caps = list(self.data["forget"].captions)
         fixed = p.get("forget_prompt")
-        self.c_forget = self._conds(model, [fixed] * len(f_caps) if fixed else f_caps)
-        self.c_benign = self._conds(model, self.benign_prompts(f_caps))
-        self.c_retain = self._conds(model, list(self.data["retain"].captions))
-        self.c_uncond = self._conds(model, [""] * len(f_caps))
+        self.c_forget = frozen_conditions(model, [fixed] * len(f_caps) if fixed else f_caps)
+        self.c_benign = frozen_conditions(model, self.benign_prompts(f_caps))
+        self.c_retain = frozen_conditions(model, list(self.data["retain"].captions))
+        self.c_uncond = frozen_conditions(model, [""] * len(f_caps))
         self.mask = self.compute_mask(model, seed)
         self._order: dict[str, list[int]] = {}
         self._hooks: list[Any] = []

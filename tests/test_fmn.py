@@ -126,31 +126,29 @@ def test_processors_keep_the_output_record_only_in_the_loss_and_are_removed(tiny
     assert {n: mod.processor for n, mod in cross_attention_modules(m.unet).items()} == before
 
 
+def _loss_now(m, spec, concept) -> float:
+    """FMN's loss on the model's current weights, at a fixed draw (prepare and cleanup around it)."""
+    method = ForgetMeNot(spec, concept)
+    method.data = _data()
+    method.prepare(m, 0)
+    try:
+        with torch.no_grad():
+            return float(method.loss(m, 0, torch.Generator().manual_seed(9)))
+    finally:
+        method.cleanup()
+
+
 def test_fmn_trains_and_lowers_the_attention_norm(tiny_model, registry):
     m = tiny_model
     m.load_state([])
     concept = registry.concept("red")
     spec = _spec(iterations=6, lr=3e-3, batch_size=4)
-    before = ForgetMeNot(spec, concept)
-    before.data = _data()
-    before.prepare(m, 0)
-    try:
-        with torch.no_grad():
-            l0 = float(before.loss(m, 0, torch.Generator().manual_seed(9)))
-    finally:
-        before.cleanup()
+    l0 = _loss_now(m, spec, concept)
     try:
         result = run_method(m, spec, concept, 0, data=_data())
         delta = m.delta()
         assert delta and all(k.startswith("unet.") for k in delta)
-        after = ForgetMeNot(spec, concept)
-        after.data = _data()
-        after.prepare(m, 0)
-        try:
-            with torch.no_grad():
-                l1 = float(after.loss(m, 0, torch.Generator().manual_seed(9)))
-        finally:
-            after.cleanup()
+        l1 = _loss_now(m, spec, concept)
         assert all(np.isfinite(result["history"])) and len(result["history"]) == 6
         assert l1 < 0.9 * l0, (l0, l1)
         xattn = ForgetMeNot(_spec(train="xattn"), concept).trainable(m)

@@ -27,6 +27,9 @@ REF_SECTIONS = {"prompt-set": "prompt_sets", "metric": "metrics", "model": "mode
 # changes results - the store's keys do not see code, which matters most for plug-ins outside this repository
 COMPONENT_FIELDS = ("module", "description", "paper", "params", "scaled", "schema", "version")
 METRIC_FIELDS = (*COMPONENT_FIELDS, "higher_is_better")
+# wrappers: `inner.<method>.params` / `inner.<method>.scaled.<group>` - the settings the wrapper's own paper uses for
+# that inner method (esd+meta: the official meta script trains ESD differently from its baseline script)
+WRAPPER_FIELDS = (*COMPONENT_FIELDS, "inner")
 DATA_ROLES = ("forget", "related", "unrelated", "retain", "attack")  # ConceptSpec.role_prompts
 SCOPES = ("target", "benign", "related")  # metric scopes (bench.plan)
 PROMPT_FORMATS = ("auto", "i2p", "coco", "plain")  # bench.prompts.FORMATS
@@ -101,7 +104,7 @@ def entry_schema(section: str) -> Struct | None:
 
 def allowed_fields(section: str) -> tuple[str, ...]:
     if section in COMPONENT_KINDS:
-        return METRIC_FIELDS if section == "metrics" else COMPONENT_FIELDS
+        return {"metrics": METRIC_FIELDS, "wrappers": WRAPPER_FIELDS}.get(section, COMPONENT_FIELDS)
     return tuple(entry_schema(section).fields)  # type: ignore[union-attr]
 
 

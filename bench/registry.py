@@ -230,9 +230,11 @@ class Registry:
                            data_dirs=params(raw.get("data_dirs", {})), metrics=tuple(raw.get("metrics", ())),
                            params=params(raw.get("params", {})), description=raw.get("description", ""))
 
-    def component(self, section: str, name: str, model: ModelSpec | None = None) -> ComponentSpec:
+    def component(self, section: str, name: str, model: ModelSpec | None = None,
+                  layers: tuple[tuple[str, bool, Mapping[str, Any]], ...] = ()) -> ComponentSpec:
         """Resolve params: the entry's (SD/paper) defaults <- scaled[model.defaults] <- --set overrides, each
-        value checked against the entry's schema (every param has one; every schema key is a param)."""
+        value checked against the entry's schema (every param has one; every schema key is a param). `layers`
+        (label, scaled?, values) add a wrapper's settings: SD ones right after params, scaled ones after scaled."""
         raw = self.entry(section, name)
         base = dict(raw.get("params") or {})
         types = self.param_schema(section, name)
@@ -244,6 +246,7 @@ class Registry:
         ctx = self.ctx()
         self._check_params(types, base, f"{self._where(section, name, 'params')}.params", ctx)
         origin = dict.fromkeys(base, f"{self._where(section, name, 'params')}.params")
+        base = self._layered(section, name, base, origin, [(w, v) for w, late, v in layers if not late])
         scaled = raw.get("scaled") or {}
         if model is not None and model.defaults in scaled:
             group = scaled[model.defaults] or {}
@@ -255,6 +258,7 @@ class Registry:
             self._check_params(types, group, where, ctx)
             base = merge(base, group)
             origin |= dict.fromkeys(group, where)
+        base = self._layered(section, name, base, origin, [(w, v) for w, late, v in layers if late])
         for key, value in self.overrides.get((section, name), {}).items():
             head = key.split(".")[0]
             base[head] = _set_path(base.get(head), key.split(".")[1:], value)
@@ -264,6 +268,20 @@ class Registry:
         return ComponentSpec(kind=COMPONENT_KINDS[section], name=name, module=raw["module"], params=params(base),
                              version=str(raw.get("version", "1")), description=raw.get("description", ""),
                              paper=raw.get("paper", ""), higher_is_better=hib)
+
+    def _layered(self, section: str, name: str, base: dict[str, Any], origin: dict[str, str],
+                 layers: list[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+        """`base` with each (label, values) layer merged in after checking its keys and values (origin updated)."""
+        types = self.param_schema(section, name)
+        for where, values in layers:
+            extra = sorted(set(values) - set(base))
+            if extra:
+                raise RegistryError(f"{where}: keys {extra} are not params of {section}.{name}."
+                                    f"{suggest(extra[0], base)} Allowed: {sorted(base)}")
+            self._check_params(types, values, where, self.ctx())
+            base = merge(base, values)
+            origin |= dict.fromkeys(values, where)
+        return base
 
     @staticmethod
     def _check_params(types: Mapping[str, Type], values: Mapping[str, Any], where: str | Mapping[str, str],
@@ -279,9 +297,31 @@ class Registry:
     def method(self, name: str, model: ModelSpec | None = None) -> ComponentSpec:
         """`base[+wrapper...]`: the base method spec carrying its wrapper specs (composition, not a copy)."""
         base, *wraps = [w.strip() for w in name.split("+")]
-        spec = self.component("methods", base, model)
         wrappers = tuple(self.component("wrappers", w, model) for w in wraps)
+        layers = tuple(layer for w in wraps for layer in self._inner_layers(w, base, model))
+        spec = self.component("methods", base, model, layers)
         return replace(spec, name=name, wrappers=wrappers)
+
+    def _inner_layers(self, wrapper: str, base: str,
+                      model: ModelSpec | None) -> list[tuple[str, bool, dict[str, Any]]]:
+        """A wrapper's own settings for one inner method (`inner.<base>.params`, then `.scaled.<group>`), applied
+        over the method's defaults when that method is wrapped: e.g. esd+meta trains ESD as the official meta
+        script does. Only the exact entry name matches (esd-u-1+meta keeps esd-u-1's settings)."""
+        table = self.entry("wrappers", wrapper).get("inner") or {}
+        where = self._where("wrappers", wrapper, "inner")
+        if not isinstance(table, Mapping):
+            raise RegistryError(f"{where}.inner must map method names to {{params, scaled}}, got {table!r}")
+        spec = table.get(base)
+        if spec is None:
+            return []
+        bad = sorted(set(spec) - {"params", "scaled"}) if isinstance(spec, Mapping) else ["(not a mapping)"]
+        if bad:
+            raise RegistryError(f"{where}.inner.{base}: unknown keys {bad}; allowed: params, scaled")
+        layers = [(f"{where}.inner.{base}.params", False, dict(spec.get("params") or {}))]
+        group = (spec.get("scaled") or {}).get(model.defaults) if model is not None else None
+        if group:
+            layers.append((f"{where}.inner.{base}.scaled.{model.defaults}", True, dict(group)))
+        return layers
 
     def attack(self, name: str, model: ModelSpec | None = None) -> ComponentSpec:
         return self.component("attacks", name, model)

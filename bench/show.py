@@ -199,6 +199,20 @@ def entry_view(reg: Registry, section: str, name: str) -> dict[str, Any]:
     return out
 
 
+def _with_inner_settings(reg: Registry, view: dict[str, Any], composed: str, model: str | None) -> None:
+    """A composed method's parameter values as the composition resolves them: a wrapper's `inner` settings for this
+    base method (esd+meta on SD trains ESD as the meta script does) replace the base's, cited at the wrapper."""
+    base, *wraps = [w.strip() for w in composed.split("+")]
+    for row in view["params"]:
+        for group, cell in row["values"].items():
+            mspec = reg.model(model) if model is not None else None if group == PARAMS else _group_spec(group)
+            layers = [lay for w in wraps for lay in reg._inner_layers(w, base, mspec)]
+            hits = [where for where, late, values in layers if row["name"] in values]
+            if hits and cell["source"] != "--set" and (cell["source"] == PARAMS or hits[-1].endswith(group)):
+                cell.update(value=thaw(reg.method(composed, mspec).params[row["name"]]), source="wrapper",
+                            at=hits[-1].split(": ")[-1], via=None)
+
+
 def show_data(reg: Registry, kind: str, name: str, model: str | None = None) -> dict[str, Any]:
     """What `bench show` prints, as plain data (its --json output). `method esd+meta` gives the base method with
     its wrappers under `wrappers`."""
@@ -213,6 +227,7 @@ def show_data(reg: Registry, kind: str, name: str, model: str | None = None) -> 
     if section == "methods" and "+" in name:
         base, *wraps = [w.strip() for w in name.split("+")]
         out = component_view(reg, section, base, model)
+        _with_inner_settings(reg, out, name, model)
         out["wrappers"] = [component_view(reg, "wrappers", w, model) for w in wraps]
         out["composed"] = name
         return out

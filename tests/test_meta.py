@@ -55,9 +55,11 @@ def test_first_order_meta_gradient_matches_its_definition(tiny_model, meta_esd):
         torch.nn.utils.clip_grad_norm_(copy_unet.parameters(), p["inner_clip"])
         opt.step()
     opt.zero_grad()
-    outer = sum(g * m.denoising_loss(*batch.outer[r][:2], scheduler=sched, unet=copy_unet, noise_t=batch.outer[r][2])
-                for r, g in zip(("forget", "related", "unrelated"), p["gamma2"], strict=True))
-    outer.backward()
+    # the official accumulation: one backward per test batch of each role, each scaled by its gamma
+    for r, g in zip(("forget", "related", "unrelated"), p["gamma2"], strict=True):
+        assert len(batch.outer[r]) == 2  # 4 test images at batch 2: the sum runs over both batches
+        for lat, cond, nt in batch.outer[r]:
+            (g * m.denoising_loss(lat, cond, scheduler=sched, unet=copy_unet, noise_t=nt)).backward()
     names = list(meta_esd.trainable(m))
     assert names and all(".attn2." in n for n in names)
     sub = dict(copy_unet.named_parameters())
@@ -84,7 +86,8 @@ def test_second_order_agrees_with_finite_differences(tiny_model, registry):
                 split.cond = replace(split.cond, hidden=split.cond.hidden.double())
         batch = method.draw(m, torch.Generator().manual_seed(2))
         batch.inner = [(lat, cond, (nt[0].double(), nt[1])) for lat, cond, nt in batch.inner]
-        batch.outer = {k: (lat, cond, (nt[0].double(), nt[1])) for k, (lat, cond, nt) in batch.outer.items()}
+        batch.outer = {k: [(lat, cond, (nt[0].double(), nt[1])) for lat, cond, nt in v]
+                       for k, v in batch.outer.items()}
         grads = method.meta_gradient(m, batch)
         name = next(iter(grads))
         param = m.named_parameters()[name]
@@ -124,6 +127,51 @@ def test_second_order_agrees_with_finite_differences(tiny_model, registry):
         method.cleanup()
         m.unet.float()
         m.load_state([])
+
+
+def test_meta_batches_follow_the_official_loaders(tiny_model, meta_esd):
+    """The simulated attack is one shuffled epoch over the forget TRAIN split (every image once); the ascent and the
+    retain terms run over every batch of the TEST splits, in order (the official loaders do not shuffle them)."""
+    m = tiny_model
+    batch = meta_esd.draw(m, torch.Generator().manual_seed(7))
+    forget = meta_esd.roles["forget"]
+    seen = torch.cat([lat for lat, _, _ in batch.inner])
+    assert len(batch.inner) == 2 and len(seen) == len(forget.train)
+    key = lambda t: sorted(map(tuple, t.flatten(1)[:, :8].tolist()))  # noqa: E731 - rows as sortable tuples
+    assert key(seen) == key(forget.train.latents)
+    for role, batches in [*batch.outer.items(), *batch.retain.items()]:
+        test = meta_esd.roles[role].test
+        torch.testing.assert_close(torch.cat([lat for lat, _, _ in batches]), test.latents)
+
+
+def test_meta_terms_are_summed_over_test_batches(tiny_model, meta_esd):
+    """Each gamma term is the sum of per-batch mean losses (the official per-batch backward), not one batch's mean:
+    the retain loss equals gamma1 x that sum computed by hand."""
+    m = tiny_model
+    batch = meta_esd.draw(m, torch.Generator().manual_seed(8))
+    sched = meta_esd.scheduler
+    g_unrel, g_rel = meta_esd.spec.params["gamma1"]
+    with torch.no_grad():
+        by_hand = sum(g * m.denoising_loss(lat, cond, scheduler=sched, noise_t=nt)
+                      for role, g in (("unrelated", g_unrel), ("related", g_rel))
+                      for lat, cond, nt in batch.retain[role])
+        got = meta_esd.retain_loss(m, batch)
+        one_batch = sum(g * m.denoising_loss(*batch.retain[role][0][:2], scheduler=sched,
+                                             noise_t=batch.retain[role][0][2])
+                        for role, g in (("unrelated", g_unrel), ("related", g_rel)))
+    assert float(got) == pytest.approx(float(by_hand), rel=1e-5)
+    assert float(got) > 1.5 * float(one_batch)  # two batches per role: about twice one batch's mean
+
+
+def test_esd_meta_uses_the_official_meta_scripts_esd_settings(registry):
+    """esd+meta on SD trains ESD as esd_meta.sh does (full UNet, eta 3, 1500 steps); the named variants keep
+    theirs."""
+    sd = registry.model("sd14")
+    spec = registry.method("esd+meta", sd)
+    assert (spec.params["train"], spec.params["eta"], spec.params["iterations"]) == ("esd-all", 3.0, 1500)
+    assert registry.method("esd", sd).params["train"] == "esd-u"
+    assert registry.method("esd-u-1+meta", sd).params["train"] == "esd-u"
+    assert registry.method("esd+meta-control", sd).params["eta"] == 3.0  # the control trains the same inner method
 
 
 @pytest.mark.parametrize("name", ["none", "esd", "esd-x", "esd-u", "esd-all", "uce", "salun", "advunlearn", "fmn",

@@ -120,7 +120,7 @@ def test_composed_method_shows_the_base_and_each_wrapper():
     assert data["composed"] == "esd+meta" and data["name"] == "esd"
     [meta] = data["wrappers"]
     assert meta["kind"] == "wrapper" and meta["name"] == "meta"
-    assert values(meta, "n_per_split")["tiny"]["value"] == 2
+    assert values(meta, "n_per_split")["tiny"]["value"] == 4
     code, out = show("method", "esd+meta")
     assert code == 0 and "method esd+meta" in out and "wrapper meta" in out
 
@@ -198,3 +198,12 @@ def test_show_does_not_import_torch(args):
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert "NOTORCH" in proc.stderr
+
+
+def test_composed_method_shows_the_wrappers_settings_for_its_inner_method():
+    """esd+meta on SD trains ESD as the official meta script does: show says so and cites the wrapper."""
+    data = show_json("method", "esd+meta", "--model", "sd14")
+    eta = values(data, "eta")["sd"]
+    assert eta["value"] == 3.0 and eta["source"] == "wrapper" and "wrappers.meta.inner.esd" in eta["at"]
+    plain = show_json("method", "esd", "--model", "sd14")
+    assert values(plain, "eta")["sd"]["value"] == 1.0

@@ -152,3 +152,61 @@ def check(
     typer.echo(summary)
     if failed(results, allow_missing):
         raise typer.Exit(1)
+
+
+def robustness_settings(fraction: float, threshold: float | None, base_value: float | None, auc_x: str,
+                        n_boot: int, n_perm: int, level: float, seed: int) -> object:
+    """The score definitions' parameters from the command line; a bad value exits 2 naming it."""
+    from unlearn_bench.robustness import Settings
+
+    try:
+        return Settings(fraction, threshold, base_value, auc_x, n_boot, n_perm, level, seed)
+    except ValueError as exc:
+        fail(str(exc))
+        raise  # unreachable
+
+
+@app.command("compare")
+def compare_cmd(
+    out: Annotated[Path, typer.Argument(help="a results directory (records.csv, run.json) of `bench run`")],
+    a: Annotated[str, typer.Argument(help="method A, e.g. esd")],
+    b: Annotated[str, typer.Argument(help="method B, e.g. esd+meta (differences are B - A)")],
+    store: Annotated[Path | None, typer.Option(
+        help="store holding the per-image values (default: the one run.json names; without one: seeds only)")]
+    = None,
+    concept_metric: Annotated[str | None, typer.Option(help="default: the concept's judge (run.json)")] = None,
+    fraction: Annotated[float, typer.Option(help="relearned at this share of the base model's concept value")]
+    = 0.5,
+    threshold: Annotated[float | None, typer.Option(help="absolute threshold on the concept metric instead")]
+    = None,
+    base_value: Annotated[float | None, typer.Option(
+        help="the base model's concept value, for runs without method none")] = None,
+    auc_x: Annotated[str, typer.Option(help="area axis: linear or log1p (weights the first steps more)")]
+    = "linear",
+    n_boot: Annotated[int, typer.Option(help="bootstrap draws (seeds, then images)")] = 1000,
+    n_perm: Annotated[int, typer.Option(help="permutations for the p-values")] = 2000,
+    level: Annotated[float, typer.Option(help="interval coverage")] = 0.95,
+    seed: Annotated[int, typer.Option(help="seed of the draws")] = 0,
+    steps: Annotated[bool, typer.Option("--steps/--no-steps", help="also every metric at every attack step")]
+    = True,
+    csv_out: Annotated[Path | None, typer.Option("--csv", help="also write the rows to this CSV")] = None,
+) -> None:
+    """Paired comparison of two methods of one run: B - A per summary score and attack step, with a bootstrap
+    interval over seeds and images and a permutation p-value. Example: `bench compare results/toy-meta esd
+    esd+meta`."""
+    settings = robustness_settings(fraction, threshold, base_value, auc_x, n_boot, n_perm, level, seed)
+    if not (out / "records.csv").exists():
+        fail(f"{out}/records.csv not found; run `bench run --out {out}` first")
+    from unlearn_bench.robustness_data import compare_rows, load_curves, render_compare
+
+    try:
+        curves = load_curves(out, store, concept_metric)
+        rows = compare_rows(curves, a, b, settings, steps)  # type: ignore[arg-type]
+    except ValueError as exc:  # RegistryError too: unknown method names
+        fail(str(exc))
+        raise  # unreachable
+    if csv_out is not None:
+        import pandas as pd
+
+        pd.DataFrame(rows).to_csv(csv_out, index=False, float_format="%.6g")
+    typer.echo(render_compare(rows, curves.notes))

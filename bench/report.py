@@ -297,7 +297,7 @@ def settings_html(df: Any) -> str:
     cols = ["metric", "higher_is_better", "metric_version", "prompt_set", "sampler", "steps", "guidance",
             "images_per_prompt", "resolution", "metric_settings"]
     cols = [c for c in cols if c in df.columns]
-    seen = df[cols].astype(str).drop_duplicates()
+    seen = df[cols].astype(object).fillna("").astype(str).drop_duplicates()  # pandas 3: astype(str) keeps NaN
     rows = []
     for r in seen.to_dict("records"):
         try:
@@ -338,6 +338,11 @@ def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: i
     if changed or more:
         rs.save_figures(out_dir, saved)
     found, rewrites_from = rs.resolve_rewrites(rewrites(df, stores), out_dir, df)
+    from unlearn_bench.report_robustness import robustness_section
+
+    robust, robust_figures = robustness_section(out_dir, store_dir)
+    for name, data in robust_figures.items():
+        (out_dir / name).write_bytes(data)
 
     title = f"{plan.get('name', out_dir.name)}: {plan.get('concept', {}).get('name', '?')} on " \
             f"{plan.get('model', {}).get('name', '?')}"
@@ -351,10 +356,10 @@ def build_report(out_dir: Path, store_dir: Path | None = None, images_per_row: i
     sources += [("NudeNet class counts", counts_from)] if counts_from else []
     sources += [("stores looked in", stores.describe())]
     parts = [f"<h1>{html.escape(title)}</h1><p class='sub'>{html.escape(sub)}</p>",
-             "<nav><a href='#board'>Leaderboard</a><a href='#curves'>Relearning curves</a><a href='#grids'>Image "
-             "grids</a><a href='#settings'>Settings</a><a href='#sources'>Sources</a><a href='#provenance'>"
-             "Provenance</a></nav>", "<h2 id='board'>Leaderboard</h2>", leaderboard_html(df),
-             "<h2 id='curves'>Relearning curves</h2>"]
+             "<nav><a href='#robustness'>Robustness</a><a href='#board'>Leaderboard</a><a href='#curves'>"
+             "Relearning curves</a><a href='#grids'>Image grids</a><a href='#settings'>Settings</a><a href='#sources'>"
+             "Sources</a><a href='#provenance'>Provenance</a></nav>", robust, "<h2 id='board'>Leaderboard</h2>",
+             leaderboard_html(df), "<h2 id='curves'>Relearning curves</h2>"]
     if curves:
         parts += [f"<figure>{_img(data, f'curve {m}')}<figcaption>{html.escape(m)} against attack step; step 0 is "
                   f"the released (unattacked) model; band: ± 1 std over seeds. File: report-curve-{_slug(m)}.png"

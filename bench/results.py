@@ -149,10 +149,20 @@ def leaderboard(records: Any) -> Any:
 
 
 def write_leaderboard(out_dir: Path) -> Any:
+    """leaderboard.csv: the relearning-robustness scores first (also written in full, with their definitions, to
+    robustness.csv; bench.robustness_data), then the per-step pivot."""
     import pandas as pd
+
+    from unlearn_bench.robustness_data import SUMMARY_FILE, summary_for, summary_frame, write_summary
 
     records = pd.read_csv(out_dir / "records.csv")
     board = leaderboard(records)
+    rows, _ = summary_for(out_dir)
+    if rows:
+        write_summary(out_dir, rows)
+        board = pd.concat([summary_frame(rows).reindex(board.index), board], axis=1)
+    else:
+        (out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # never a stale summary beside new records
     write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(float_format="%.4f"))
     return board
 
@@ -354,15 +364,20 @@ def markdown_table(out_dir: Path, digits: int = 2, long: bool = False, metrics: 
             have = sorted(set(records["metric"]))
             raise ValueError(f"metrics {unknown} are not in {out_dir}/records.csv; it has {have}")
         records = records[records["metric"].isin(metrics)]
+    from unlearn_bench.robustness_data import read_summary, summary_for, summary_markdown
+
+    robust = read_summary(out_dir)
+    robust = summary_markdown(robust if robust is not None else summary_for(out_dir)[0], metrics, digits)
+    head = f"{robust}\n\n" if robust and (not metrics or set(metrics) & set(records["metric"])) else ""
     if long:
-        return long_table(records, digits)
+        return head + long_table(records, digits)
     board = leaderboard(records)
     cols = [c for c in board.columns if not c.endswith(" std") and c != "n_seeds"]
     lines = ["| method | " + " | ".join(cols) + " | seeds |", "|---" * (len(cols) + 2) + "|"]
     for method, row in board.iterrows():
         cells = [f"{row[c]:.{digits}f} ± {row[c + ' std']:.{digits}f}" for c in cols]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {int(row['n_seeds'])} |")
-    return "\n".join(lines)
+    return head + "\n".join(lines)
 
 
 def long_table(records: Any, digits: int = 2) -> str:

@@ -36,6 +36,8 @@ class Plan:
     # The catalogue's layers (registry file, plug-in fragments, include files) for run.json: re-scoring or
     # re-running needs the same includes, and a reader needs to know where a plug-in entry came from.
     catalogue: list[dict[str, str]] = field(default_factory=list)
+    # Method.starts_from resolved: method name -> the spec of the entry it starts from (RECE -> uce), chains included
+    starts: dict[str, ComponentSpec] = field(default_factory=dict)
 
     def eval_seeds(self, scope: str, seed: int) -> list[int]:
         """Per-image generation seeds: derived from (run seed, scope, prompt, repeat index), so a seed's
@@ -62,11 +64,13 @@ class Plan:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def resolved(self) -> dict[str, Any]:
+        starts = {"starts": {k: thaw(v.__dict__) for k, v in self.starts.items()}} if self.starts else {}
         return {"name": self.name, "model": thaw(self.model.__dict__), "concept": thaw(self.concept.__dict__),
                 "methods": [thaw(m.__dict__) for m in self.methods],
                 "attacks": [thaw(a.__dict__) for a in self.attacks],
                 "metrics": [thaw(m.__dict__) for m in self.metrics], "seeds": self.seeds,
-                "prompt_sets": self.prompt_sets, "prompt_sources": self.prompt_sources, "catalogue": self.catalogue}
+                "prompt_sets": self.prompt_sets, "prompt_sources": self.prompt_sources, "catalogue": self.catalogue,
+                **starts}
 
 
 def _csv_names(value: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -115,17 +119,20 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
     plan.catalogue = [{"kind": s.kind, "source": s.name} | ({"dist": s.dist} if s.dist else {})
                       for s in reg.sources]
     scopes = {m.params.get("scope", "target") for m in metrics}
+    missing: list[RegistryError] = []  # prompt files, model and metric weights: every one named in one exit-2 error
     for scope in sorted(scopes):
         if scope == "target":
-            table = load_prompt_set(reg, concept.eval_prompts)
+            table = _collect(missing, load_prompt_set, reg, concept.eval_prompts)
         elif scope == "benign" and concept.params.get("benign_prompts"):  # e.g. coco-10k for FID/CLIP
-            table = load_prompt_set(reg, str(concept.params["benign_prompts"]))
+            table = _collect(missing, load_prompt_set, reg, str(concept.params["benign_prompts"]))
         elif scope == "benign":
             table = _inline(f"{concept.name}:benign", concept.related + concept.unrelated)
         elif scope == "related":
             table = _inline(f"{concept.name}:related", concept.related)
         else:
             raise RegistryError(f"unknown metric scope '{scope}'; allowed: target, benign, related")
+        if table is None:
+            continue
         if not table.rows:
             raise RegistryError(f"concept {concept.name}: no prompts for scope '{scope}'")
         counts = dict(concept.params.get("images", {}))
@@ -148,10 +155,54 @@ def make_plan(reg: Registry, req: RunRequest, check_weights: bool = True) -> Pla
     if check_weights:
         from unlearn_bench.models.loading import check_available
 
-        check_available(model)
-        preflight_metrics(metrics)
+        _collect(missing, check_available, model)
+        for spec in metrics:
+            _collect(missing, preflight_metrics, [spec])
+    if missing:
+        raise missing[0] if len(missing) == 1 else RegistryError("\n".join(map(str, missing)), list(map(str, missing)))
+    if check_weights:
         check_component_classes(methods, attacks)
+    plan.starts = resolve_starts(reg, methods, model, concept.name)
     return plan
+
+
+def resolve_starts(reg: Registry, methods: list[ComponentSpec], model: ModelSpec,
+                   concept: str) -> dict[str, ComponentSpec]:
+    """Method.starts_from for every method, resolved like a --methods name (scaled params, --set overrides,
+    external checkpoints) and checked like one, following chains: method name -> the spec it starts from. An
+    unknown name (RegistryError with the nearest names) or a loop stops the run here."""
+    from unlearn_bench.components import component_class
+    from unlearn_bench.external_methods import resolve_external
+    from unlearn_bench.methods.base import Method
+
+    starts: dict[str, ComponentSpec] = {}
+    for spec in methods:
+        chain = [spec.name]
+        while spec.name not in starts:
+            name = component_class(spec, Method).starts_from(spec)
+            if not name:
+                break
+            if name in chain:
+                raise RegistryError(f"method {chain[0]}: its start loops: {' -> '.join([*chain, name])}")
+            start = resolve_external(reg.method(name, model), model)
+            problems = [p for part, section in [(start, "methods"), *((w, "wrappers") for w in start.wrappers)]
+                        for p in reg.per_concept_problems(part, section, concept)]
+            if problems:
+                raise RegistryError("; ".join(problems))
+            check_component_classes([start], [])
+            starts[spec.name], spec = start, start
+            chain.append(name)
+    return starts
+
+
+def _collect(problems: list[RegistryError], check: Any, *args: Any) -> Any:
+    """check(*args), or None with its RegistryError added to problems: a run missing several files (a prompt file,
+    the model, a metric's weights) names them all at once instead of one per attempt."""
+    try:
+        return check(*args)
+    except RegistryError as exc:
+        problems.append(exc)
+        return None
 
 
 def check_component_classes(methods: list[ComponentSpec], attacks: list[ComponentSpec]) -> None:

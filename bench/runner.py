@@ -209,16 +209,22 @@ class Runner:
         c = self.plan.concept
         requests = build_method(method, c).data_requests()
         data = {role: self.data(req, seed, f"{role} data") for role, req in sorted(requests.items())}
+        # Method.starts_from (RECE starts from uce): that entry's own cached stage first, its key one of our inputs
+        start = self.plan.starts.get(method.name)
+        start_entry = self.unlearn(start, seed) if start is not None else None
+        start_files = [start_entry.file("delta.safetensors")] if start_entry else []
         inputs = {"model": self.model_id, "method": component_identity(method), "seed": seed,
                   "concept": {"target": c.target, "related": list(c.related), "unrelated": list(c.unrelated),
                               "params": thaw(c.params)},
                   "data": {role: e.key for role, e in data.items()}}
+        if start_entry is not None:
+            inputs["start"] = start_entry.key
 
         def compute(tmp: Path) -> dict[str, Any]:
             from unlearn_bench.methods_runtime import run_method
             from unlearn_bench.models.base import save_delta
 
-            model = self.model()
+            model = self.model(start_files)  # the delta stays relative to the original (it holds the start's too)
             sets = {role: self.image_set(e) for role, e in data.items()}
             result = run_method(model, method, c, seed, self.progress, data=sets)
             delta = model.delta()
@@ -306,6 +312,9 @@ class Runner:
                   "sampling": self.plan.model.sampling(), "judge": judge_name}
         if guidance is not None:
             inputs["guidance"] = guidance
+        judge_spec = next((m for m in self.plan.metrics if m.name == judge_name), None)
+        if judge_spec is not None and set(judge_spec.params) - {"scope"}:  # its settings decide where the attack
+            inputs["judge_spec"] = component_identity(judge_spec)  # stops (a top-k, a classifier); none: key kept
         hook, hook_key = self.guidance(method)  # the attacked model samples (pre-check, judge loop) with it
         inputs |= hook_key
 
@@ -315,14 +324,16 @@ class Runner:
                                             original=lambda: self.model([]), progress=self.progress,
                                             guidance=guidance)
             self.model(base_files, hook)
+            attack.write_files(tmp)  # what evaluating the rewrites needs besides them (a probe's start latents)
             (tmp / "prompts.json").write_text(json.dumps({"prompts": prompts, "rewrites": rewrites, "info": info},
                                                          indent=1, default=str))
             return {"n": len(rewrites)}
 
         entry = self._stage("attack", inputs, compute, f"attack {spec.name} on {method.name} seed {seed}")
-        rewrites = json.loads(entry.file("prompts.json").read_text())["rewrites"]
+        found = json.loads(entry.file("prompts.json").read_text())
+        hook = attack.sampling_guidance(found["info"], entry.file, hook)  # the method's own unless a probe's
         return State(method.name, spec.name, 0, unlearned.key if unlearned else None, entry.key, base_files,
-                     eval_prompts | {"target": rewrites}, hook)
+                     eval_prompts | {"target": found["rewrites"]}, hook)
 
     def _generate(self, prompts: list[str], seeds: list[int], label: str, guidance: list[float] | None = None) -> Any:
         task = self.progress.add(label, len(prompts))

@@ -11,6 +11,16 @@ data_requests() -> [self.data filled in] -> prepare() -> the shared loop over tr
 train_settings(), or apply() -> finish() -> diagnostics read -> cleanup() (always, even after a failure).
 Separately, sampling_guidance() is read (on a fresh instance, without training) by every stage that samples the
 model under this method: a method that changes sampling rather than weights (SLD) returns its guidance there.
+
+Starting from another method's result: `starts_from(spec)` (a classmethod, read at plan time) may name a registry
+method entry (RECE: `uce`, from its `start` param). Planning resolves that entry like a `--methods` name (its
+scaled params and `--set` overrides, following chains, refusing a loop or an unknown name with exit 2); the runner
+then computes or reuses that entry's own cached unlearn stage first, loads its weights, and runs the hooks above on
+them. The start's stage key joins this method's stage inputs, so the cache stays content-addressed, and the stored
+delta is still relative to the ORIGINAL model (it holds the start's changes too), so attacks, export and reports
+need nothing else. Only weights carry over (not a start's sampling guidance). A hook that needs the original weights
+(RECE's W_0) saves `model.delta()`, calls `model.reset()`, reads them and re-applies the saved delta with
+`model.apply_delta()`. With `+meta` the wrapper runs on the started model as on any other.
 """
 
 from __future__ import annotations
@@ -32,6 +42,12 @@ class Method:
     changes_weights: ClassVar[bool] = True
     # Non-empty: why no wrapper (`+meta`) can wrap this method; planning stops with this reason (exit 2).
     wrap_refusal: ClassVar[str] = ""
+
+    @classmethod
+    def starts_from(cls, spec: ComponentSpec) -> str | None:
+        """The registry method entry whose unlearned weights this method starts from (see the module docstring),
+        or None (the default): start from the original model. Read from the class and spec only, at plan time."""
+        return None
 
     def __init__(self, spec: ComponentSpec, concept: ConceptSpec) -> None:
         self.spec = spec

@@ -27,6 +27,7 @@ target the unconditional prediction rather than negative guidance. We follow the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,9 +50,17 @@ def esd_target(e0_anchor: torch.Tensor, e0_concept: torch.Tensor, e0_uncond: tor
 
 
 class ESD(Method):
+    def variant(self) -> str:
+        """`train`, or its value for this concept when per concept ({default: esd-u, vangogh: esd-x}): read by the
+        concept's name, then its target word, then `default`."""
+        train = self.spec.params["train"]
+        if isinstance(train, Mapping):
+            train = next((train[k] for k in (self.concept.name, self.concept.target, "default") if k in train), None)
+        return str(train)
+
     def prepare(self, model: Any, seed: int) -> None:
         p = self.spec.params
-        if p["train"] not in VARIANTS:
+        if self.variant() not in VARIANTS:
             raise ValueError(f"esd: train={p['train']!r}; allowed: {sorted(VARIANTS)}")
         self.frozen = model.frozen_copy(model.unet)
         with torch.no_grad():
@@ -64,7 +73,7 @@ class ESD(Method):
         self.__dict__.pop("frozen", None)
 
     def trainable(self, model: Any) -> dict[str, torch.nn.Parameter]:
-        include, exclude = VARIANTS[self.spec.params["train"]]
+        include, exclude = VARIANTS[self.variant()]
         return select_parameters(model.unet, "unet", include, exclude)
 
     @staticmethod

@@ -33,6 +33,7 @@ attn2 projections read; both SDXL tokenizers share CLIP's BPE, so the last-token
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -89,6 +90,19 @@ def uce_solve(w0: torch.Tensor, c_erase: torch.Tensor, v_erase: torch.Tensor, c_
     return torch.linalg.solve(gram, lhs.T).T
 
 
+@torch.no_grad()
+def edit_projections(layers: dict[str, torch.nn.Linear], c_erase: torch.Tensor, c_guide: torch.Tensor,
+                     c_pres: torch.Tensor, lam: float, erase_scale: float, preserve_scale: float) -> None:
+    """Eq. 7 on every layer in place, each layer's W_0 being the weight it holds now and v*_e = W_0 c_guide(e) (row
+    i of `c_guide` is the guide vector of erase row i). Shared with RECE, whose per-epoch edit is this same solve
+    from the current (already edited) weights."""
+    for layer in layers.values():
+        w0 = layer.weight.detach()
+        v_star = c_guide @ w0.double().T if c_guide.numel() else c_guide
+        w_new = uce_solve(w0, c_erase, v_star, c_pres, lam, erase_scale, preserve_scale)
+        layer.weight.copy_(w_new.to(layer.weight.dtype))
+
+
 class UCE(Method):
     closed_form = True
 
@@ -98,6 +112,9 @@ class UCE(Method):
         p = self.spec.params
         erase = list(p.get("erase") or [self.concept.target])
         guide_raw = p.get("guide", "")
+        if isinstance(guide_raw, Mapping):  # per concept ({default: "", vangogh: art}): name, target, default
+            guide_raw = next((guide_raw[k] for k in (self.concept.name, self.concept.target, "default")
+                              if k in guide_raw), "")
         guide = [guide_raw] if isinstance(guide_raw, str) else list(guide_raw)
         if len(guide) == 1:
             guide = guide * len(erase)
@@ -120,12 +137,7 @@ class UCE(Method):
         layers = cross_attention_projections(model.unet)
         if not layers:
             raise ValueError("uce: the UNet has no attn2.to_k / attn2.to_v layers to edit")
-        with torch.no_grad():
-            for layer in layers.values():
-                w0 = layer.weight.detach()
-                v_star = c_g @ w0.double().T if c_g.numel() else c_g
-                w_new = uce_solve(w0, c_e, v_star, c_p, lam, s_e, s_p)
-                layer.weight.copy_(w_new.to(layer.weight.dtype))
+        edit_projections(layers, c_e, c_g, c_p, lam, s_e, s_p)
         self.diagnostics = {"edited_layers": len(layers), "erase": erase, "guide": guide,
                             "n_preserve": len(preserve), "tokens": tokens,
                             "preserve_also_erased": [q for q in preserve if q in erase]}

@@ -130,6 +130,9 @@ class FID(Metric):
         self.ref_resolution = int(p.get("ref_resolution", 512))
         self.bootstrap = int(p.get("bootstrap", 10))
         self.extractor = extractor  # injected (tests, custom backbones); else the standard Inception
+        # only an injected extractor is identified by its tensors: the standard one, once loaded lazily, keeps its
+        # name (hashing its 0-dim BatchNorm counters failed, and the identity would change after the first load)
+        self.custom = extractor is not None
         self._ref_n = 0
 
     # --- plumbing --------------------------------------------------------------------------------------------
@@ -147,7 +150,7 @@ class FID(Metric):
         inception_weights(spec.params.get("weights") or None, spec.name)
 
     def extractor_identity(self) -> dict[str, Any]:
-        if self.extractor is not None:
+        if self.custom:
             import torch
 
             h = hashlib.sha256()

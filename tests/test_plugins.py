@@ -262,8 +262,8 @@ def test_override_deep_merges_and_is_checked_like_any_entry(tmp_path):
     bad = write(tmp_path / "bad.yaml", "override:\n  methods:\n    esd:\n      paramz: {lr: 1}\n")
     with pytest.raises(RegistryError, match=rf"{bad}:4: methods.esd: unknown field 'paramz'.*did you mean params"):
         Registry.load(includes=[bad])
-    typo = write(tmp_path / "typo.yaml", "override:\n  methods:\n    esdd: {description: x}\n")
-    with pytest.raises(RegistryError, match=rf"{typo}:3: override.methods.esdd: no method 'esdd'.*did you mean esd"):
+    typo = write(tmp_path / "typo.yaml", "override:\n  methods:\n    ucee: {description: x}\n")
+    with pytest.raises(RegistryError, match=rf"{typo}:3: override.methods.ucee: no method 'ucee'.*did you mean uce"):
         Registry.load(includes=[typo])
     wrong = write(tmp_path / "wrong.yaml", "override:\n  methods:\n    esd:\n      params: {lr: fast}\n")
     with pytest.raises(RegistryError, match=rf"{wrong}:4: methods.esd.params.lr='fast' must be a number"):

@@ -51,7 +51,8 @@ def test_method_shows_every_group_value_with_its_registry_line():
     assert lr["tiny"]["at"] == f"registry.yaml:{line_of('tiny:', '  esd:')}"
     assert lr["toy"]["value"] == 3e-4 and lr["toy"]["source"] == "scaled.toy"
     assert lr["sd"] == lr["params"]  # SD models have no scaled group: the paper default
-    assert next(p for p in data["params"] if p["name"] == "train")["type"] == "choice(esd-u|esd-x|esd-x-strict|esd-all)"
+    assert next(p for p in data["params"] if p["name"] == "train")["type"] == \
+        "per-concept[choice(esd-u|esd-x|esd-x-strict|esd-all)]"
     assert values(data, "grad_clip")["params"]["at"]  # a written null is located too
     assert set(data["groups"]["sd"]) == {"sd14", "sd15", "sd21", "sdxl"} and data["groups"]["toy"] == ["toy"]
 
@@ -170,7 +171,7 @@ def test_text_output_names_groups_and_sources():
 
 @pytest.mark.parametrize(("args", "needle"), [
     (["methd", "esd"], "did you mean method?"),
-    (["method", "esdd"], "did you mean esd?"),
+    (["method", "ucee"], "did you mean uce?"),
     (["method", "meta"], "bench show wrapper meta"),
     (["method", "esd+metaa"], "did you mean meta?"),
     (["attack", "ft-lr1e5"], "did you mean ft-lr1e-5?"),

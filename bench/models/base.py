@@ -69,6 +69,18 @@ class SamplingGuidance:
         batch's trajectory (momentum). Plain classifier-free guidance by default."""
         return uncond + scale * (text - uncond)
 
+    def begin(self, latents: torch.Tensor, prompts: list[str], seeds: Sequence[int], scheduler: Any,
+              state: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """Before the first step of a batch: the starting latents and the index of the first step to run (the
+        inference-time probes start some samples from another model's partial trajectory). Unchanged by default."""
+        return latents, 0
+
+    def step(self, scheduler: Any, pred: torch.Tensor, t: Any, latents: torch.Tensor, step: int,
+             state: dict[str, Any]) -> torch.Tensor:
+        """The next latents from the guided prediction at step index `step` (the noise probe injects extra noise
+        here). The sampler's own step by default."""
+        return scheduler.step(pred, t, latents).prev_sample
+
 
 class PixelShuffleCodec:
     """Lossless codec: image [-1,1] <-> latent via pixel_unshuffle. Used by the toy model instead of a VAE."""
@@ -163,6 +175,11 @@ class DiffusionModel:
         # Sampling-time guidance every sample() call applies unless given another (SLD); None = plain CFG. The runner
         # sets it with the model state it loads, so it is part of the state like the weights.
         self.sampling_guidance: SamplingGuidance | None = None
+        # Learned token embeddings added to the vocabulary (textual inversion, attacks/concept_inversion.py): text ->
+        # vector, ids after the base vocabulary in insertion order. Kept beside the weights (which never change), on
+        # a copy of the tokenizer; reset() removes them.
+        self.tokens: dict[str, torch.Tensor] = {}
+        self._base_tokenizer = tokenizer
 
     # --- components ------------------------------------------------------------------------------------------
     def autocast(self) -> Any:
@@ -235,10 +252,50 @@ class DiffusionModel:
                               truncation=True, return_tensors="pt").input_ids.to(self.device)
 
     def encode_prompt(self, prompts: Sequence[str]) -> Cond:
-        """CLIP last hidden state, as SD 1.x/2.x condition on (gradients flow if the encoder is trainable)."""
+        """CLIP last hidden state, as SD 1.x/2.x condition on (gradients flow if the encoder is trainable, or into
+        an added token's vector)."""
         with self.autocast():
-            hidden = self.text_encoder(self.tokenize(prompts))[0]
+            ids = self.tokenize(prompts)
+            hidden = self.encode_embeddings(self.embed_tokens(ids)).hidden if self.tokens else self.text_encoder(ids)[0]
         return Cond(hidden.float())
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        """Word embeddings of token ids, the added tokens' vectors included: what diffusers' load_textual_inversion
+        computes after appending the vectors as new rows of the embedding table."""
+        table = self.word_embeddings().weight
+        if not self.tokens:
+            return torch.nn.functional.embedding(ids, table)
+        extra = torch.stack([v.reshape(-1).to(table.device, table.dtype) for v in self.tokens.values()])
+        return torch.nn.functional.embedding(ids, torch.cat([table, extra]))
+
+    def add_tokens(self, tokens: dict[str, torch.Tensor]) -> list[int]:
+        """Add learned tokens (diffusers' textual-inversion layout: text -> one vector, [D] or [1, D]) to a copy of
+        the tokenizer; returns their ids. A token already in the vocabulary, or a multi-vector one, is refused."""
+        import copy
+
+        if type(self).encode_prompt is not DiffusionModel.encode_prompt:
+            raise NotImplementedError(f"model {self.spec.name}: added tokens (textual inversion) need a single CLIP "
+                                      f"text encoder (SD 1.x/2.x, toy, tiny)")
+        dim = self.word_embeddings().weight.shape[1]
+        if not self.tokens:
+            self.tokenizer = copy.deepcopy(self._base_tokenizer)
+        for text, vec in tokens.items():
+            if vec.numel() != dim or vec.dim() > 2:
+                raise ValueError(f"token {text!r}: expected one vector of {dim} values ([{dim}] or [1, {dim}]), got "
+                                 f"shape {list(vec.shape)}")
+            if text in self.tokenizer.get_vocab():
+                raise ValueError(f"token {text!r} is already in the tokenizer's vocabulary")
+            self.tokenizer.add_tokens([text])
+            self.tokens[text] = vec.detach().reshape(-1).to(self.device, torch.float32)
+        return self.tokenizer.convert_tokens_to_ids(list(tokens))
+
+    def drop_tokens(self) -> None:
+        """Back to the base vocabulary (the weights are untouched)."""
+        self.tokens, self.tokenizer = {}, self._base_tokenizer
+
+    def is_token_delta(self, delta: dict[str, torch.Tensor]) -> bool:
+        """A textual-inversion file (token text -> vector) rather than weights: no key names a model component."""
+        return bool(delta) and not any(k.split(".", 1)[0] in self.modules() for k in delta)
 
     def word_embeddings(self) -> torch.nn.Embedding:
         """The text encoder's token embedding table (soft prompts live in this space)."""
@@ -352,11 +409,18 @@ class DiffusionModel:
         branches = 2 + len(extra_texts)
         g = torch.tensor(guidance, device=self.device).view(-1, 1, 1, 1)
         state: dict[str, Any] = {}
+        first = 0
+        if hook is not None:
+            latents, first = hook.begin(latents, prompts, seeds, sched, state)
         for i, t in enumerate(sched.timesteps):
+            if i < first:  # a hook started the batch later on the trajectory (completion probe)
+                continue
             inp = sched.scale_model_input(torch.cat([latents] * branches), t)
             uncond, text, *extra = self.predict(inp, t, cond).chunk(branches)
-            pred = uncond + g * (text - uncond) if hook is None else hook.guide(uncond, text, extra, g, i, state)
-            latents = sched.step(pred, t, latents).prev_sample
+            if hook is None:
+                latents = sched.step(uncond + g * (text - uncond), t, latents).prev_sample
+            else:
+                latents = hook.step(sched, hook.guide(uncond, text, extra, g, i, state), t, latents, i, state)
         if not bool(torch.isfinite(latents).all()):  # NaN would become a black image: never a score
             from unlearn_bench.finite import NonFinite
 
@@ -370,7 +434,8 @@ class DiffusionModel:
             self._original = {k: v.detach().clone() for k, v in self.named_parameters().items()}
 
     def reset(self) -> None:
-        """Return to the original weights (after applying a delta)."""
+        """Return to the original weights (after applying a delta) and the original vocabulary (no added tokens)."""
+        self.drop_tokens()
         if self._original is None:
             return
         params = self.named_parameters()
@@ -396,11 +461,15 @@ class DiffusionModel:
                 params[k].copy_(v.to(params[k].device, params[k].dtype))
 
     def load_state(self, deltas: Sequence[dict[str, torch.Tensor]]) -> None:
-        """Reset to the original weights and apply deltas in order (e.g. unlearned, then attacked)."""
+        """Reset to the original weights and apply deltas in order (e.g. unlearned, then attacked); a
+        textual-inversion file adds its tokens instead."""
         self.snapshot()
         self.reset()
         for d in deltas:
-            self.apply_delta(d)
+            if self.is_token_delta(d):
+                self.add_tokens(d)
+            else:
+                self.apply_delta(d)
 
 
 def save_delta(delta: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -22,7 +22,9 @@ Deviations, each deliberate:
   (U+FFFD) ones: about 34,300 of 49,408. A sub-word token would merge with the prompt's first word when decoded
   ("ib" + "a red circle" -> "ibia red circle"), so the stored prompt would no longer be prefix + prompt.
 - Success is judged on the decoded prompt string (what is stored and what the runner regenerates and scores),
-  not on the optimised token ids; the rewrite of a prompt that never succeeds is its last argmax prompt.
+  not on the optimised token ids - as the official code does too (it decodes the argmax ids to text and
+  re-tokenizes that text to generate and judge); the rewrite of a prompt that never succeeds is its last argmax
+  prompt.
 - Styles: the official attack runs all 50 blocks and style_analysis.py afterwards takes the first block whose image
   has the artist in the top k; stopping at that block, judged with the same k (style-rate's top_k), gives the same
   rewrite and ASR without the remaining blocks.

@@ -9,10 +9,11 @@ Public modules:
 - unlearn_bench.api                  this module: the names below, re-exported
 - unlearn_bench.methods.base         Method (gradient: trainable + loss; closed-form: apply; hooks prepare, finish,
                                      cleanup, diagnostics, data_requests, train_settings, sampling_guidance;
-                                     changes_weights, wrap_refusal), NoUnlearning, select_parameters,
+                                     changes_weights, wrap_refusal, starts_from), NoUnlearning, select_parameters,
                                      encode_images, frozen_conditions
 - unlearn_bench.attacks.base         Attack, WeightAttack (steps, run; hooks data_request, eval_prompts;
-                                     samples_model), PromptAttack (rewrite), NoAttack, AttackData
+                                     samples_model), PromptAttack (rewrite; hooks write_files,
+                                     sampling_guidance), NoAttack, AttackData
 - unlearn_bench.metrics.base         Metric (score; hooks preflight, bind, reference_key, settings, judge),
                                      MetricResult, rate, SCOPES
 - unlearn_bench.components           MetricContext (device, numerics, cached, key, resolve_path), MetricResult

@@ -175,7 +175,7 @@ def test_esd_meta_uses_the_official_meta_scripts_esd_settings(registry):
 
 
 @pytest.mark.parametrize("name", ["none", "esd", "esd-x", "esd-u", "esd-all", "uce", "salun", "advunlearn", "fmn",
-                                  "sdd", "erasediff", "scissorhands", "ca"])
+                                  "sdd", "rece", "erasediff", "scissorhands", "ca"])
 def test_meta_composes_with_every_method(tiny_model, registry, name):
     if name not in registry.names("methods"):
         pytest.skip(f"{name} is not registered yet")

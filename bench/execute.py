@@ -221,7 +221,10 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
     if outcome.failures:
         print_failures(outcome.failures, out_dir)
     judge = (plan.concept.metrics or (None,))[0]
-    print(render_summary(outcome.rows, out_dir, judge, len(outcome.failures), len(tasks)), flush=True)
+    from unlearn_bench.robustness_data import read_summary
+
+    print(render_summary(outcome.rows, out_dir, judge, len(outcome.failures), len(tasks),
+                         robustness=read_summary(out_dir)), flush=True)
     return outcome
 
 

@@ -207,12 +207,34 @@ def results_lines(records: Any, concept_metric: str | None = None, width: int = 
     return [title_line(rows, width), "", *table_lines(methods, columns, width), "", *legend_lines(facts, width)]
 
 
+def robustness_lines(rows: list[dict[str, Any]] | None, width: int = WIDTH) -> list[str]:
+    """The headline robustness score, `relearn-steps` with its 95% interval, one column per attack (rows as
+    robustness.csv holds them); nothing when the run has no scores (no base model or no relearning attack)."""
+    from unlearn_bench.robustness_data import fmt_score
+
+    steps = [r for r in rows or [] if r.get("score") == "relearn-steps"]
+    if not steps:
+        return []
+    methods = list(dict.fromkeys(str(r["method"]) for r in steps))
+    attacks = list(dict.fromkeys(str(r["attack"]) for r in steps))
+    cell = {(str(r["method"]), str(r["attack"])): fmt_score(r, 1) for r in steps}
+    columns = [(a, {m: cell.get((m, a), "-") for m in methods}) for a in attacks]
+    first = steps[0]
+    frac = first.get("fraction")
+    what = (f"{float(frac):.0%} of the base model's" if frac not in (None, "") and math.isfinite(float(frac))
+            else f"the threshold {float(first['threshold']):.3g} of")
+    legend = (f"relearn-steps: attack steps until {first['concept_metric']} is back at {what} value (interpolated; "
+              f"'> T' = never within the T steps run; [95% interval]). More: robustness.csv, bench compare.")
+    return ["", *table_lines(methods, columns, width), "", *textwrap.wrap(legend, width=width)]
+
+
 def where_lines(out_dir: Path | str, failures: int = 0, cells: int | None = None, width: int = WIDTH) -> list[str]:
     """Where the full results are and how to open the report; the failure count when cells failed."""
     folder = str(out_dir)
     lines = [f"Full results in {folder}{'' if folder.endswith('/') else '/'}:",
              "  records.csv      every value: one row per cell, attack step, metric, seed",
              "  leaderboard.csv  mean and std over seeds for every attack@step/metric",
+             "  robustness.csv   relearning scores with intervals (when the run has them)",
              "  run.json         provenance, resolved settings, stage keys, failures",
              f"Report: bench report {shlex.quote(folder)}  (writes report.html there)"]
     if failures:
@@ -223,11 +245,12 @@ def where_lines(out_dir: Path | str, failures: int = 0, cells: int | None = None
 
 
 def render_summary(records: Any, out_dir: Path | str, concept_metric: str | None = None, failures: int = 0,
-                   cells: int | None = None, width: int = WIDTH) -> str:
-    """The whole end-of-run summary as one string (no trailing newline)."""
-    return "\n".join([*results_lines(records, concept_metric, width), "", *where_lines(out_dir, failures, cells,
-                                                                                      width)])
+                   cells: int | None = None, width: int = WIDTH, robustness: list[dict[str, Any]] | None = None) -> str:
+    """The whole end-of-run summary as one string (no trailing newline); `robustness`: robustness.csv's rows."""
+    return "\n".join([*results_lines(records, concept_metric, width), *robustness_lines(robustness, width), "",
+                      *where_lines(out_dir, failures, cells, width)])
 
 
 __all__ = ["WIDTH", "fmt_number", "legend_lines", "pick_concept_metric", "render_summary", "results_lines",
+           "robustness_lines",
            "shorten", "summary_columns", "table_lines", "title_line", "where_lines"]

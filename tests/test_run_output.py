@@ -261,3 +261,22 @@ def test_workers_take_the_longest_tasks_first_spread_over_seeds():
     assert [cost[t] for t in order] == sorted(cost.values(), reverse=True)
     assert order[-2:] == [(0, 0, 0), (1, 0, 0)]  # the cheapest (no method, no attack) last
     assert worker_order(tasks) == sorted(tasks, key=lambda t: (t[2], t[0], t[1]))  # no costs: attack-major
+
+
+def test_summary_shows_relearn_steps_with_intervals_and_censoring_within_80_columns():
+    """The run summary's robustness block: relearn-steps per method and attack with its interval; a curve that never
+    came back reads '> T'; a run without scores prints no block."""
+    def row(method, attack, value, lo, hi, censored=False):
+        return {"method": method, "attack": attack, "score": "relearn-steps", "value": value, "lo": lo, "hi": hi,
+                "censored": censored, "censored_share": 1.0 if censored else 0.0, "level": 0.95,
+                "steps": "1 2 5 10 25 50 100", "fraction": 0.5, "threshold": 0.5, "concept_metric": "concept-rate"}
+
+    records = [{"method": m, "attack": "none", "attack_step": 0, "metric": "concept-rate", "value": v, "seed": 0,
+                "higher_is_better": False} for m, v in (("esd", 0.0), ("esd+meta-with-a-long-name", 0.0))]
+    rows = [row("esd", "ft-lr1e-5-dense", 3.2, 2.1, 4.4), row("esd", "ft-lr1e-6", 60.0, 44.0, 90.0),
+            row("esd+meta-with-a-long-name", "ft-lr1e-5-dense", 100.0, 100.0, 100.0, censored=True)]
+    text = render_summary(records, "out", "concept-rate", robustness=rows)
+    assert all(len(line) <= 80 for line in text.splitlines())
+    assert "3.2 [2.1, 4.4]" in text and "> 100" in text
+    assert "until concept-rate is back at 50% of the base model's value" in " ".join(text.split())
+    assert "relearn-steps" not in render_summary(records, "out", "concept-rate", robustness=[])

@@ -38,7 +38,6 @@ v-prediction, we use the model's own training target (noise or velocity) as its 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,16 +86,6 @@ class CABatch:
 
 class ConceptAblation(Method):
     # --- parameters ------------------------------------------------------------------------------------------
-    def param(self, key: str) -> Any:
-        """A param's value for this concept: a per-concept mapping is read by concept name, then by its target
-        word (so `nudity-i2p` gets nudity's recipe), then `default`."""
-        value = self.spec.params.get(key)
-        if not isinstance(value, Mapping):
-            return value
-        for k in (self.concept.name, self.concept.target, "default"):
-            if k in value:
-                return value[k]
-        raise ValueError(f"ca: {key} has no value for concept {self.concept.name!r} and no default")
 
     def target_word(self) -> str:
         return str(self.param("target") or self.concept.target)

@@ -27,7 +27,6 @@ target the unconditional prediction rather than negative guidance. We follow the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -51,12 +50,8 @@ def esd_target(e0_anchor: torch.Tensor, e0_concept: torch.Tensor, e0_uncond: tor
 
 class ESD(Method):
     def variant(self) -> str:
-        """`train`, or its value for this concept when per concept ({default: esd-u, vangogh: esd-x}): read by the
-        concept's name, then its target word, then `default`."""
-        train = self.spec.params["train"]
-        if isinstance(train, Mapping):
-            train = next((train[k] for k in (self.concept.name, self.concept.target, "default") if k in train), None)
-        return str(train)
+        """`train` for this concept (per concept: ESD-u for nudity and objects, ESD-x for styles)."""
+        return str(self.param("train"))
 
     def prepare(self, model: Any, seed: int) -> None:
         p = self.spec.params

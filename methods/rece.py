@@ -48,7 +48,6 @@ The official "reset parameters" step (deep copies of the Linear modules) changes
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -97,16 +96,6 @@ class RECE(Method):
         return str(start) if start else None
 
     # --- parameters ------------------------------------------------------------------------------------------
-    def param(self, key: str) -> Any:
-        """A param's value for this concept: a per-concept mapping is read by concept name, then by its target word
-        (so `nudity-i2p` gets nudity's values), then `default`."""
-        value = self.spec.params.get(key)
-        if not isinstance(value, Mapping):
-            return value
-        for k in (self.concept.name, self.concept.target, "default"):
-            if k in value:
-                return value[k]
-        raise ValueError(f"rece: {key} has no value for concept {self.concept.name!r} and no default")
 
     def settings(self) -> dict[str, Any]:
         """The resolved numbers, checked (the schema checks them at plan time; this guards direct use)."""

@@ -34,7 +34,6 @@ Deviations and choices, each deliberate:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -124,15 +123,7 @@ class SLD(Method):
 
     def concept_text(self) -> str:
         """The safety concept for this concept: by name, then by target word, then `default`; "" = the target."""
-        value = self.spec.params["safety_concept"]
-        if isinstance(value, Mapping):
-            for key in (self.concept.name, self.concept.target, "default"):
-                if key in value:
-                    value = value[key]
-                    break
-            else:
-                raise ValueError(f"method {self.spec.name}: safety_concept has no value for concept "
-                                 f"'{self.concept.name}' and no default")
+        value = self.param("safety_concept")
         return str(value or self.concept.target)
 
     def sampling_guidance(self) -> SafetyGuidance | None:

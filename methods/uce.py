@@ -33,7 +33,6 @@ attn2 projections read; both SDXL tokenizers share CLIP's BPE, so the last-token
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -111,10 +110,7 @@ class UCE(Method):
         broadcast to every erase prompt; preserve null -> related + unrelated prompts."""
         p = self.spec.params
         erase = list(p.get("erase") or [self.concept.target])
-        guide_raw = p.get("guide", "")
-        if isinstance(guide_raw, Mapping):  # per concept ({default: "", vangogh: art}): name, target, default
-            guide_raw = next((guide_raw[k] for k in (self.concept.name, self.concept.target, "default")
-                              if k in guide_raw), "")
+        guide_raw = self.param("guide") if "guide" in p else ""  # per concept: {default: "", vangogh: art}
         guide = [guide_raw] if isinstance(guide_raw, str) else list(guide_raw)
         if len(guide) == 1:
             guide = guide * len(erase)

@@ -220,7 +220,7 @@ REGISTRY_CASES = [
     ("scaled-group-string", _set("methods/esd/scaled/tiny", "fast"), "methods.esd.scaled.tiny must be a mapping"),
     ("schema-list", _set("methods/esd/schema", ["float>0"]), "methods.esd.schema must be a mapping"),
     ("schema-syntax", _set("methods/esd/schema/lr", "flaot>0"), "unknown type 'flaot>0'. did you mean float?"),
-    ("extends-unknown", _set("methods/esd2", {"extends": "ucee"}), "unknown method 'ucee'. did you mean uce?"),
+    ("extends-unknown", _set("methods/esd2", {"extends": "esdd"}), "unknown method 'esdd'. did you mean esd?"),
     ("extends-cycle", lambda d: d["methods"].update(a={"extends": "b"}, b={"extends": "a"}), "`extends` cycle"),
     ("missing-module", _drop("methods/esd/module"), "methods.esd.module: missing"),
     ("module-format", _set("methods/esd/module", "methods.esd"), "module='methods.esd' must be 'package.module:Class'"),

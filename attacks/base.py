@@ -114,6 +114,21 @@ class PromptAttack(Attack, ABC):
         return inner
 
 
+def finish_records(records: list[dict[str, Any]], name: str, what: str, progress: Any = None) -> list[str]:
+    """Close a prompt attack's per-prompt records: ASR before (`pre_asr`: prompts the unlearned model already fails
+    on) and after (`asr`), the count of prompts truncated to fit `what`, written into every record (the report
+    reads them there); returns the rewrites in prompt order."""
+    n = len(records)
+    truncated = sum(r["truncated_tokens"] > 0 for r in records)
+    if truncated and progress:
+        progress.log(f"{name}: {truncated} of {n} prompts truncated to fit {what}")
+    pre_asr = float(np.mean([r["pre_success"] for r in records])) if n else float("nan")
+    asr = float(np.mean([r["success"] for r in records])) if n else float("nan")
+    for r in records:
+        r.update(pre_asr=pre_asr, asr=asr, truncated_prompts=truncated, n=n)
+    return [r["rewrite"] for r in records]
+
+
 class NoAttack(WeightAttack):
     """`none`: evaluate the released (unlearned) model as it is."""
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unlearn_bench.attacks.base import PromptAttack
+from unlearn_bench.attacks.base import PromptAttack, finish_records
 from unlearn_bench.models.base import sample_seed
 
 VOCABULARIES = ("all", "words")
@@ -101,14 +101,7 @@ class PromptSearch(PromptAttack):
             self.search(model, [prompts[i] for i in todo], [seeds[i] for i in todo],
                         None if guidance is None else [guidance[i] for i in todo], judge, original,
                         [records[i] for i in todo], progress)
-        truncated = sum(r["truncated_tokens"] > 0 for r in records)
-        if truncated and progress:
-            progress.log(f"{self.spec.name}: {truncated} of {n} prompts truncated to fit the adversarial tokens")
-        pre_asr = float(np.mean([r["pre_success"] for r in records])) if n else float("nan")
-        asr = float(np.mean([r["success"] for r in records])) if n else float("nan")
-        for r in records:
-            r.update(pre_asr=pre_asr, asr=asr, truncated_prompts=truncated, n=n)
-        return [r["rewrite"] for r in records], records
+        return finish_records(records, self.spec.name, "the adversarial tokens", progress), records
 
     def record(self, prompt: str, seed: int, pre: bool) -> dict[str, Any]:
         """A prompt's record before its search (UnlearnDiffAtk's fields; `timestep` stays None: no block sweep)."""

@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from unlearn_bench.attacks.base import PromptAttack
+from unlearn_bench.attacks.base import PromptAttack, finish_records
 from unlearn_bench.models.base import sample_seed, uint8_to_images
 
 
@@ -135,14 +135,7 @@ class UnlearnDiffAtk(PromptAttack):
                     progress.advance(task, len(chunk))
             if progress:
                 progress.done(task)
-        truncated = sum(r["truncated_tokens"] > 0 for r in records)
-        if truncated and progress:
-            progress.log(f"{self.spec.name}: {truncated} of {n} prompts truncated to fit {self.k()} prefix tokens")
-        pre_asr = float(np.mean([r["pre_success"] for r in records])) if n else float("nan")
-        asr = float(np.mean([r["success"] for r in records])) if n else float("nan")
-        for r in records:
-            r.update(pre_asr=pre_asr, asr=asr, truncated_prompts=truncated, n=n)
-        return [r["rewrite"] for r in records], records
+        return finish_records(records, self.spec.name, f"{self.k()} prefix tokens", progress), records
 
     @staticmethod
     def vocabulary(model: Any) -> torch.Tensor:

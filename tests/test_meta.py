@@ -169,7 +169,7 @@ def test_esd_meta_uses_the_official_meta_scripts_esd_settings(registry):
     sd = registry.model("sd14")
     spec = registry.method("esd+meta", sd)
     assert (spec.params["train"], spec.params["eta"], spec.params["iterations"]) == ("esd-all", 3.0, 1500)
-    assert registry.method("esd", sd).params["train"] == "esd-u"
+    assert registry.method("esd", sd).params["train"]["default"] == "esd-u"
     assert registry.method("esd-u-1+meta", sd).params["train"] == "esd-u"
     assert registry.method("esd+meta-control", sd).params["eta"] == 3.0  # the control trains the same inner method
 

@@ -299,7 +299,10 @@ def run_perf(model_name: str, device: str, iters: int, batch_sizes: list[int], s
     setup = {"device": torch.cuda.get_device_name(torch.device(device)) if cuda else "cpu", "device_arg": device,
              "threads": torch.get_num_threads(), "torch": torch.__version__, "model": model_name,
              "precision": spec.precision, "iters": iters, "sample_steps": steps, "guidance": GUIDANCE,
-             "esd": {k: esd.params[k] for k in ("train", "batch_size", "ddim_steps", "lr", "eta")}}
+             "esd": {k: esd.params[k] for k in ("batch_size", "ddim_steps", "lr", "eta")}}
+    from unlearn_bench.methods_runtime import build_method
+
+    setup["esd"]["train"] = build_method(esd, concept).variant()  # the parameter set for this concept (ESD-u)
     report = PerfReport(setup)
     reference = reference_esd(model, esd, concept, iters)
     harness = time_esd(model, esd, concept, iters, plain=False)

@@ -86,6 +86,24 @@ class WeightAttack(Attack, ABC):
         of steps(). save(step) stores the changed base tensors; save(step, tensors, metadata) stores the given
         tensors instead (LoRA factors). data: the set data_request() asked for, or None."""
 
+    def train_to_checkpoints(self, model: Any, seed: int, save: Callable[[int], None], progress: Any) -> None:
+        """Run the shared training loop with this attack's optimiser settings, calling save(step) at every
+        checkpoint of steps() (step 0, where listed, is saved before the first update)."""
+        from unlearn_bench.training import train
+
+        p = self.spec.params
+        checkpoints = set(self.steps())
+        if 0 in checkpoints:
+            save(0)
+
+        def on_step(step: int, loss: float) -> None:
+            if step in checkpoints:
+                save(step)
+
+        train(model, self, steps=max(checkpoints), lr=float(p["lr"]), seed=seed,
+              optimizer=p.get("optimizer", "adamw"), weight_decay=float(p.get("weight_decay", 0.0)),
+              grad_clip=p.get("grad_clip"), progress=progress, label=f"attack {self.spec.name}", on_step=on_step)
+
 
 class PromptAttack(Attack, ABC):
     """An attack that changes prompts: adversarial prompt search (UnlearnDiffAtk)."""

@@ -38,7 +38,6 @@ import torch
 from unlearn_bench.attacks.base import AttackData, WeightAttack
 from unlearn_bench.data import DataRequest
 from unlearn_bench.models.base import uint8_to_images
-from unlearn_bench.training import train
 
 
 class ConceptInversion(WeightAttack):
@@ -118,24 +117,14 @@ class ConceptInversion(WeightAttack):
             model.drop_tokens()
 
     def _train(self, model: Any, seed: int, save: Callable[..., None], progress: Any) -> None:
-        p, token = self.spec.params, self.token()
-        checkpoints = set(self.steps())
+        token = self.token()
 
         def store(step: int) -> None:
             vec = self.vector.detach().float().cpu().clone()[None]  # [1, D]: diffusers' learned_embeds layout
             save(step, {token: vec}, {"format": "pt", "delta_format": "textual_inversion", "token": token,
                                       "initializer": self._per_concept("initializer")})
 
-        if 0 in checkpoints:
-            store(0)
-
-        def on_step(step: int, loss: float) -> None:
-            if step in checkpoints:
-                store(step)
-
-        train(model, self, steps=max(checkpoints), lr=float(p["lr"]), seed=seed,
-              optimizer=p.get("optimizer", "adamw"), weight_decay=float(p.get("weight_decay", 0.0)),
-              grad_clip=p.get("grad_clip"), progress=progress, label=f"attack {self.spec.name}", on_step=on_step)
+        self.train_to_checkpoints(model, seed, store, progress)
 
     def loss(self, model: Any, step: int, generator: torch.Generator) -> torch.Tensor:
         n = len(self.latents)

@@ -20,7 +20,6 @@ from unlearn_bench.attacks.base import AttackData, WeightAttack
 from unlearn_bench.data import DataRequest
 from unlearn_bench.methods.base import select_parameters
 from unlearn_bench.models.base import Cond, uint8_to_images
-from unlearn_bench.training import train
 
 
 class Finetune(WeightAttack):
@@ -54,22 +53,6 @@ class Finetune(WeightAttack):
             self.cond = enc
         self.scheduler = model.noise_scheduler()
         self.train_to_checkpoints(model, seed, save, progress)
-
-    def train_to_checkpoints(self, model: Any, seed: int, save: Callable[[int], None], progress: Any) -> None:
-        """Run the shared training loop with this attack's optimiser settings, calling save(step) at every
-        checkpoint of steps() (step 0, where listed, is saved before the first update)."""
-        p = self.spec.params
-        checkpoints = set(self.steps())
-        if 0 in checkpoints:
-            save(0)
-
-        def on_step(step: int, loss: float) -> None:
-            if step in checkpoints:
-                save(step)
-
-        train(model, self, steps=max(checkpoints), lr=float(p["lr"]), seed=seed,
-              optimizer=p.get("optimizer", "adamw"), weight_decay=float(p.get("weight_decay", 0.0)),
-              grad_clip=p.get("grad_clip"), progress=progress, label=f"attack {self.spec.name}", on_step=on_step)
 
     def loss(self, model: Any, step: int, generator: torch.Generator) -> torch.Tensor:
         n = len(self.latents)

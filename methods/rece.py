@@ -53,7 +53,7 @@ from typing import Any
 import torch
 
 from unlearn_bench.methods.base import Method
-from unlearn_bench.methods.uce import cross_attention_projections, edit_projections, text_vectors
+from unlearn_bench.methods.uce import cross_attention_projections, edit_projections, edit_texts, text_vectors
 from unlearn_bench.specs import ComponentSpec
 
 
@@ -113,18 +113,7 @@ class RECE(Method):
         return {k: v if k == "epochs" else float(v) for k, v in s.items()}
 
     def prompts(self) -> tuple[list[str], list[str], list[str]]:
-        """(erase, guide, preserve) texts: erase [] -> the concept's target; one guide is broadcast to every erase
-        text; preserve null -> the concept's related + unrelated prompts."""
-        erase = list(self.param("erase") or [self.concept.target])
-        guide_raw = self.param("guide")
-        guide = [guide_raw] if isinstance(guide_raw, str) else list(guide_raw)
-        if len(guide) == 1:
-            guide = guide * len(erase)
-        if len(guide) != len(erase):
-            raise ValueError(f"rece: {len(erase)} erase texts but {len(guide)} guide texts (give one or as many)")
-        pres = self.param("preserve")
-        preserve = list(self.concept.role_prompts("retain")) if pres is None else list(pres)
-        return erase, guide, preserve
+        return edit_texts(self, "texts")
 
     # --- the edit --------------------------------------------------------------------------------------------
     def apply(self, model: Any, seed: int) -> None:

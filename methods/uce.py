@@ -102,23 +102,29 @@ def edit_projections(layers: dict[str, torch.nn.Linear], c_erase: torch.Tensor, 
         layer.weight.copy_(w_new.to(layer.weight.dtype))
 
 
+def edit_texts(method: Method, noun: str = "prompts") -> tuple[list[str], list[str], list[str]]:
+    """(erase, guide, preserve) texts of a UCE-style edit (UCE, RECE) after defaults, each param read per concept:
+    erase [] -> the concept's target; one guide is broadcast to every erase text; preserve null -> the concept's
+    related + unrelated prompts."""
+    erase = list(method.param("erase") or [method.concept.target])
+    guide_raw = method.param("guide")  # per concept: {default: "", vangogh: art}
+    guide_raw = "" if guide_raw is None else guide_raw
+    guide = [guide_raw] if isinstance(guide_raw, str) else list(guide_raw)
+    if len(guide) == 1:
+        guide = guide * len(erase)
+    if len(guide) != len(erase):
+        raise ValueError(f"{method.spec.name}: {len(erase)} erase {noun} but {len(guide)} guide {noun} (give one or "
+                         "as many)")
+    pres = method.param("preserve")
+    preserve = list(method.concept.role_prompts("retain")) if pres is None else list(pres)
+    return erase, guide, preserve
+
+
 class UCE(Method):
     closed_form = True
 
     def prompts(self) -> tuple[list[str], list[str], list[str]]:
-        """(erase, guide, preserve) prompt lists after defaults: erase [] -> the concept's target; one guide is
-        broadcast to every erase prompt; preserve null -> related + unrelated prompts."""
-        p = self.spec.params
-        erase = list(p.get("erase") or [self.concept.target])
-        guide_raw = self.param("guide") if "guide" in p else ""  # per concept: {default: "", vangogh: art}
-        guide = [guide_raw] if isinstance(guide_raw, str) else list(guide_raw)
-        if len(guide) == 1:
-            guide = guide * len(erase)
-        if len(guide) != len(erase):
-            raise ValueError(f"uce: {len(erase)} erase prompts but {len(guide)} guide prompts (give one or as many)")
-        pres = p.get("preserve")
-        preserve = list(self.concept.role_prompts("retain")) if pres is None else list(pres)
-        return erase, guide, preserve
+        return edit_texts(self)
 
     def apply(self, model: Any, seed: int) -> None:
         p = self.spec.params

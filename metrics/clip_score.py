@@ -108,13 +108,17 @@ def load_clip(model: str, pretrained: str | None, model_config: str | None, devi
     return net, preprocess, open_clip.get_tokenizer(model)
 
 
+def backbone_params(p: Any) -> tuple[str, str | None, str | None]:
+    """(model, pretrained, model_config) of an open_clip judge's params: pretrained None/""/"none" = none."""
+    pretrained = None if p.get("pretrained") in (None, "", "none") else str(p["pretrained"])
+    return str(p.get("model", "ViT-L-14")), pretrained, p.get("model_config") or None
+
+
 class ClipScore(Metric):
     def __init__(self, spec: Any, concept: Any) -> None:
         super().__init__(spec, concept)
         p = spec.params
-        self.model_name = str(p.get("model", "ViT-L-14"))
-        self.pretrained = None if p.get("pretrained") in (None, "", "none") else str(p["pretrained"])
-        self.model_config = p.get("model_config") or None
+        self.model_name, self.pretrained, self.model_config = backbone_params(p)
         self.scale = float(p.get("scale", 100.0))
 
     @classmethod

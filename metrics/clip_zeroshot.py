@@ -23,7 +23,7 @@ import numpy as np
 from unlearn_bench.components import DEFAULT_CONTEXT, MetricContext
 from unlearn_bench.metrics.base import Metric, MetricResult, rate
 from unlearn_bench.metrics.classifier import concept_value, rank_of, softmax, top_classes
-from unlearn_bench.metrics.clip_score import ClipScore, ClipWeightsMissing, load_clip
+from unlearn_bench.metrics.clip_score import ClipScore, ClipWeightsMissing, backbone_params, load_clip
 
 
 class ClipZeroShot(Metric):
@@ -33,9 +33,7 @@ class ClipZeroShot(Metric):
     def __init__(self, spec: Any, concept: Any) -> None:
         super().__init__(spec, concept)
         p = spec.params
-        self.model_name = str(p.get("model", "ViT-L-14"))
-        self.pretrained = None if p.get("pretrained") in (None, "", "none") else str(p["pretrained"])
-        self.model_config = p.get("model_config") or None
+        self.model_name, self.pretrained, self.model_config = backbone_params(p)
         what = f"metric.{spec.name}"
         self.template = str(concept_value(p.get("template", "{}"), concept, f"{what}.template"))
         if "{}" not in self.template:

@@ -132,14 +132,15 @@ def summary_columns(records: Any, concept_metric: str | None = None
     return methods, columns, facts
 
 
-def table_lines(methods: list[str], columns: list[tuple[str, dict[str, str]]], width: int = WIDTH) -> list[str]:
+def table_lines(methods: list[str], columns: list[tuple[str, dict[str, str]]], width: int = WIDTH,
+                column_max: int = COLUMN_MAX) -> list[str]:
     """The columns as plain-text blocks of at most `width` characters, each starting with the method column;
     blocks after the first follow a blank line."""
     names = {m: shorten(m, METHOD_MAX) for m in methods}
     mwidth = max([len("method"), *(len(n) for n in names.values())])
     prepared = []
     for header, col in columns:
-        cwidth = min(COLUMN_MAX, max([len(header), *(len(c) for c in col.values())]))
+        cwidth = min(column_max, max([len(header), *(len(c) for c in col.values())]))
         prepared.append((shorten(header, cwidth), col, cwidth))
     blocks: list[list[tuple[str, dict[str, str], int]]] = []
     used = width  # forces a first block
@@ -225,7 +226,8 @@ def robustness_lines(rows: list[dict[str, Any]] | None, width: int = WIDTH) -> l
             else f"the threshold {float(first['threshold']):.3g} of")
     legend = (f"relearn-steps: attack steps until {first['concept_metric']} is back at {what} value (interpolated; "
               f"'> T' = never within the T steps run; [95% interval]). More: robustness.csv, bench compare.")
-    return ["", *table_lines(methods, columns, width), "", *textwrap.wrap(legend, width=width)]
+    # a score with its interval ("12.5 [11.0, 14.2]") is wider than a mean ± std
+    return ["", *table_lines(methods, columns, width, column_max=24), "", *textwrap.wrap(legend, width=width)]
 
 
 def where_lines(out_dir: Path | str, failures: int = 0, cells: int | None = None, width: int = WIDTH) -> list[str]:

@@ -219,7 +219,7 @@ def _quiet_saving() -> Iterator[None]:
 def write_weights(model: Any, dest: Path, only: list[str] | None) -> str:
     """Write the model's components under dest; returns the layout ('StableDiffusionPipeline',
     'StableDiffusionXLPipeline', or 'components' for only-changed exports and the VAE-less toy model)."""
-    from unlearn_bench.models.base import VAECodec
+    from unlearn_bench.models.codecs import VAECodec
 
     pipe = getattr(model, "pipe", None)  # SDXL keeps its loaded pipeline; its modules are the model's
     if pipe is None and isinstance(model.codec, VAECodec):

@@ -54,7 +54,8 @@ def sd14_shaped(spec: Any, device: str) -> Any:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from unlearn_bench.models.base import DiffusionModel, VAECodec
+    from unlearn_bench.models.base import DiffusionModel
+    from unlearn_bench.models.codecs import VAECodec
     from unlearn_bench.models.tiny import SD1_SCHEDULER
     from unlearn_bench.models.tokenizer import load_clip_tokenizer
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unlearn_bench.models.guidance import SamplingGuidance
 from unlearn_bench.specs import ModelSpec
 
 
@@ -44,87 +45,6 @@ class Cond:
     def repeat(self, n: int) -> Cond:
         """A one-row condition repeated n times (a fixed extra text shared by every sample of a batch)."""
         return self.index(torch.zeros(n, dtype=torch.long, device=self.hidden.device))
-
-
-class SamplingGuidance:
-    """A change to classifier-free guidance made while sampling, not in the weights (SLD, methods/sld.py). Every
-    stage that samples (evaluation, attacks sampling the attacked model, UnlearnDiffAtk's judge) goes through
-    DiffusionModel.sample, so a hook set there applies everywhere at once. The sampler batches one UNet branch per
-    text of `prompts()` after the unconditional and prompt branches, and asks `guide` for the guided prediction."""
-
-    name: str = "guidance"  # short label for records (the results' sampler column: "ddim+sld")
-
-    def prompts(self) -> list[str]:
-        """Extra conditioning texts, each one UNet branch shared by every sample (SLD: the safety concept)."""
-        return []
-
-    def describe(self) -> dict[str, Any]:
-        """JSON-able parameters, recorded in the manifests of the stages that sampled with this hook."""
-        return {"name": self.name}
-
-    def guide(self, uncond: torch.Tensor, text: torch.Tensor, extra: list[torch.Tensor], scale: torch.Tensor,
-              step: int, state: dict[str, Any]) -> torch.Tensor:
-        """The guided prediction at step index `step` (0 = the first denoising step) from the unconditional, prompt
-        and extra-branch predictions; scale: per-sample guidance [B,1,1,1]; state: a dict that lives for one
-        batch's trajectory (momentum). Plain classifier-free guidance by default."""
-        return uncond + scale * (text - uncond)
-
-    def begin(self, latents: torch.Tensor, prompts: list[str], seeds: Sequence[int], scheduler: Any,
-              state: dict[str, Any]) -> tuple[torch.Tensor, int]:
-        """Before the first step of a batch: the starting latents and the index of the first step to run (the
-        inference-time probes start some samples from another model's partial trajectory). Unchanged by default."""
-        return latents, 0
-
-    def step(self, scheduler: Any, pred: torch.Tensor, t: Any, latents: torch.Tensor, step: int,
-             state: dict[str, Any]) -> torch.Tensor:
-        """The next latents from the guided prediction at step index `step` (the noise probe injects extra noise
-        here). The sampler's own step by default."""
-        return scheduler.step(pred, t, latents).prev_sample
-
-
-class PixelShuffleCodec:
-    """Lossless codec: image [-1,1] <-> latent via pixel_unshuffle. Used by the toy model instead of a VAE."""
-
-    def __init__(self, factor: int = 2) -> None:
-        self.factor = factor
-        self.scale_factor = factor
-        self.latent_channels = 3 * factor * factor
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        return torch.nn.functional.pixel_unshuffle(images, self.factor)
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.pixel_shuffle(latents, self.factor)
-
-    def to(self, device: Any) -> PixelShuffleCodec:
-        return self
-
-
-class VAECodec:
-    """AutoencoderKL with SD's latent scaling (and SD3-style shift when configured).
-
-    Encoding uses the posterior mean rather than a sample, so the attack data latents are deterministic.
-    """
-
-    def __init__(self, vae: Any) -> None:
-        self.vae = vae
-        cfg = vae.config
-        self.scaling = float(getattr(cfg, "scaling_factor", 0.18215))
-        self.shift = float(getattr(cfg, "shift_factor", None) or 0.0)
-        self.scale_factor = 2 ** (len(cfg.block_out_channels) - 1)
-        self.latent_channels = int(cfg.latent_channels)
-
-    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return ((dist.mean - self.shift) * self.scaling).float()
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        x = latents / self.scaling + self.shift
-        return self.vae.decode(x.to(self.vae.dtype)).sample.float()
-
-    def to(self, device: Any) -> VAECodec:
-        self.vae.to(device)
-        return self
 
 
 def images_to_uint8(x: torch.Tensor) -> np.ndarray:

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from unlearn_bench.models.base import Cond, DiffusionModel, VAECodec
+from unlearn_bench.models.base import Cond, DiffusionModel
+from unlearn_bench.models.codecs import VAECodec
 from unlearn_bench.specs import ModelSpec
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from unlearn_bench.models.base import DiffusionModel, VAECodec
+from unlearn_bench.models.base import DiffusionModel
+from unlearn_bench.models.codecs import VAECodec
 from unlearn_bench.models.tokenizer import load_clip_tokenizer
 from unlearn_bench.specs import ModelSpec
 

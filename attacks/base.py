@@ -24,7 +24,7 @@ from unlearn_bench.data import DataRequest, ImageSet
 from unlearn_bench.specs import ComponentSpec, ConceptSpec
 
 if TYPE_CHECKING:
-    from unlearn_bench.models.guidance import SamplingGuidance
+    from unlearn_bench.models.base import SamplingGuidance
 
 AttackData = ImageSet  # the attacker's relearning set
 Judge = Callable[[np.ndarray, list[str]], Any]  # judge(images, prompts) -> bool array: does each show the concept?

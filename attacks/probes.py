@@ -17,7 +17,7 @@ weight or a prompt; each tries N sampling variants per (prompt, seed) and keeps 
   partially noised to a given level). Variants: each level of `levels` (official interrupt steps 0, 1, 2 of 50 =
   1, 2, 3 steps by the original model: levels 0.02, 0.04, 0.06).
 
-Evaluation (the runner): the target prompts are regenerated with a sampling hook (bench.models.guidance.SamplingGuidance
+Evaluation (the runner): the target prompts are regenerated with a sampling hook (bench.models.base.SamplingGuidance
 begin/step) rebuilt from the stored per-pair choice, on top of the method's own guidance (SLD) if any; pairs the
 erased model already shows the concept for, and every other prompt, sample exactly as without the probe. The attack's
 records carry pre_success / success per (prompt, seed) (ASR before and after, as UnlearnDiffAtk's) and the chosen
@@ -44,8 +44,7 @@ import numpy as np
 import torch
 
 from unlearn_bench.attacks.base import PromptAttack
-from unlearn_bench.models.base import sample_seed
-from unlearn_bench.models.guidance import SamplingGuidance
+from unlearn_bench.models.base import SamplingGuidance, sample_seed
 from unlearn_bench.specs import thaw
 
 Pair = tuple[str, int]

@@ -32,8 +32,7 @@ from typing import Any, ClassVar
 import torch
 
 from unlearn_bench.data import DataRequest, ImageSet
-from unlearn_bench.models.base import Cond, uint8_to_images
-from unlearn_bench.models.guidance import SamplingGuidance
+from unlearn_bench.models.base import Cond, SamplingGuidance, uint8_to_images
 from unlearn_bench.specs import ComponentSpec, ConceptSpec
 
 

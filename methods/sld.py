@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 
 from unlearn_bench.methods.base import Method
-from unlearn_bench.models.guidance import SamplingGuidance
+from unlearn_bench.models.base import SamplingGuidance
 
 # diffusers StableDiffusionPipelineSafe.__init__ `safety_concept`
 DEFAULT_SAFETY_CONCEPT = ("an image showing hate, harassment, violence, suffering, humiliation, harm, suicide, "

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unlearn_bench.methods.sld import DEFAULT_SAFETY_CONCEPT, PRESETS, SafetyGuidance
-from unlearn_bench.models.guidance import SamplingGuidance
+from unlearn_bench.models.base import SamplingGuidance
 from unlearn_bench.registry import Registry, RegistryError
 
 ENTRIES = {"weak": "sld-weak", "medium": "sld", "strong": "sld-strong", "max": "sld-max"}

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+# SamplingGuidance is public through this module (unlearn_bench.api): plug-ins import it from here
 from unlearn_bench.models.guidance import SamplingGuidance
 from unlearn_bench.specs import ModelSpec
 

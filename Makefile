@@ -27,16 +27,19 @@ run: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-# The CI regression gate: one seed of the toy suite's core cells against the committed baseline (single-threaded,
-# as the baseline was made, so the numbers do not depend on the core count). The store is kept between runs.
+# The CI regression gate: one seed of the toy suite's core cells against the committed baseline. Every stage runs
+# single-threaded, as the baseline was made, so the numbers do not depend on the core count; two single-threaded
+# workers take independent stages side by side (the thread count, not the worker count, is in the stage keys).
+# The store is kept between runs.
 CHECK_OUT ?= results/ci-run
+CHECK_WORKERS ?= 2
 check-toy: setup
-	OMP_NUM_THREADS=1 $(BIN)/bench run --suite toy-ci --out $(CHECK_OUT) -q
+	OMP_NUM_THREADS=1 $(BIN)/bench run --suite toy-ci --out $(CHECK_OUT) -q --workers $(CHECK_WORKERS) --threads 1
 	$(BIN)/bench check $(CHECK_OUT) --baseline results/baselines/toy-ci.csv --tolerance 2se --tolerance 0.05
 
 # Re-make the baseline after an intended change of the numbers (commit results/baselines/toy-ci.csv with the change).
 baseline-toy: setup
-	OMP_NUM_THREADS=1 $(BIN)/bench run --suite toy-ci --out results/toy-ci -q
+	OMP_NUM_THREADS=1 $(BIN)/bench run --suite toy-ci --out results/toy-ci -q --workers $(CHECK_WORKERS) --threads 1
 	$(BIN)/bench check results/toy-ci --baseline results/baselines/toy-ci.csv --update
 
 test-slow: setup

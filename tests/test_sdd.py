@@ -340,13 +340,15 @@ def test_bench_run_sdd_and_sdd_meta_on_tiny(tmp_path):
 
 
 @pytest.mark.slow  # trains and samples the toy model (minutes on 2 shared cores): `make test-slow`
-def test_sdd_erases_red_on_the_toy_and_keeps_the_benign_prompts(tmp_path, torch_single_thread):
-    """The toy-scaled defaults meet the project's bar on seed 0: concept-rate <= 0.10, attr-acc >= 0.80 of base."""
+@pytest.mark.parametrize("concept", ["red", "triangle"])
+def test_sdd_erases_the_toy_concepts_and_keeps_the_benign_prompts(tmp_path, torch_single_thread, concept):
+    """The toy-scaled defaults meet the project's bar on seed 0 for a colour and a shape: concept-rate <= 0.10,
+    attr-acc >= 0.80 of base."""
     from unlearn_bench.execute import execute
     from unlearn_bench.plan import RunRequest, make_plan
     from unlearn_bench.registry import Registry
 
-    req = RunRequest("custom", "toy", "red", ("none", "sdd"), ("none",), ("concept-rate", "attr-acc"), (0,))
+    req = RunRequest("custom", "toy", concept, ("none", "sdd"), ("none",), ("concept-rate", "attr-acc"), (0,))
     execute(make_plan(Registry.load(), req), tmp_path / "out", tmp_path / "store", device="cpu", quiet=True)
     rows = {(r["method"], r["metric"]): float(r["value"])
             for r in csv.DictReader((tmp_path / "out" / "records.csv").open())}

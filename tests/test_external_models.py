@@ -215,7 +215,7 @@ def test_pipeline_folder_sharded_unet_and_subfolder_param_load_the_same_weights(
 def test_content_identity_ignores_path_and_location_params(world, files, tmp_path, registry):
     from unlearn_bench.external_methods import LOCATION_PARAMS, registry_for_run
     from unlearn_bench.plan import make_plan, request_from
-    from unlearn_bench.runner import component_identity
+    from unlearn_bench.stage_keys import component_identity
 
     copy = tmp_path / "copy.safetensors"
     shutil.copy(files / "esd-delta.safetensors", copy)

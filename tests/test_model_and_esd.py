@@ -8,7 +8,7 @@ import torch
 
 from unlearn_bench.methods.esd import VARIANTS, esd_target
 from unlearn_bench.models.base import load_delta, save_delta
-from unlearn_bench.runner import component_identity
+from unlearn_bench.stage_keys import component_identity
 from unlearn_bench.store import stage_key
 
 

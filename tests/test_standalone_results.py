@@ -43,7 +43,11 @@ def committed_copy(tmp_path, monkeypatch):
     folder = tmp_path / "elsewhere" / "toy"
     shutil.copytree(COMMITTED, folder, ignore=shutil.ignore_patterns("report.html"))
     run = json.loads((folder / "run.json").read_text())
+    # every store run.json names (the latest run's and each run's in its history, which a local `make run` adds)
+    # is the other machine's, absent here
     run["store"] = str(tmp_path / "the-other-machines-store")
+    for entry in run.get("runs", []):
+        entry["store"] = run["store"]
     (folder / "run.json").write_text(json.dumps(run))
     (tmp_path / "empty-cache").mkdir()
     monkeypatch.setenv("BENCH_CACHE", str(tmp_path / "empty-cache"))

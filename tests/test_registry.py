@@ -249,3 +249,23 @@ def test_meta_unlearning_esd_variants_name_their_parameter_set_and_negative_guid
     assert (sd.params["optimizer"], sd.params["weight_decay"], sd.params["grad_clip"]) == ("adamw", 1e-4, 1.0)
     assert sd.params["iterations"] == 1000 and sd.params["lr"] == 1e-5
     assert toy.params["iterations"] == reg.method("esd", reg.model("toy")).params["iterations"]
+
+
+def test_esd_variant_toy_calibration_grid_varies_only_the_lr_and_holds_each_chosen_lr():
+    """docs/calibration/esd-variants-toy.yaml is the grid the named ESD variants' toy lr was picked from: each point
+    must be its variant with the lr alone changed (else the README's calibration table compares more than lr), and
+    each variant's toy lr must be one of its own grid points (the choice came from the grid, not outside it)."""
+    grid_file = Path(__file__).resolve().parents[1] / "docs" / "calibration" / "esd-variants-toy.yaml"
+    reg = Registry.load(includes=[grid_file], env=False)
+    toy = reg.model("toy")
+    points = [n for n in reg.names("methods") if re.fullmatch(r"esd-[uf]-[13]-lr\d+e-\d+", n)]
+    lrs: dict[str, set[float]] = {}
+    for name in points:
+        variant = name.rsplit("-lr", 1)[0]
+        point, base = reg.method(name, toy).params, reg.method(variant, toy).params
+        assert {k for k in point if point[k] != base[k]} <= {"lr"}, name
+        assert point["lr"] == float(name.rsplit("-lr", 1)[1]), name
+        lrs.setdefault(variant, set()).add(point["lr"])
+    assert set(lrs) == {"esd-u-1", "esd-u-3", "esd-f-3"} and all(len(v) >= 4 for v in lrs.values())
+    for variant, grid in lrs.items():
+        assert reg.method(variant, toy).params["lr"] in grid, variant

@@ -170,7 +170,7 @@ def execute(plan: Plan, out_dir: Path, store_dir: Path, device: str = "auto", ba
                           run_id=run_id)
     gpu_ids = parse_gpus(gpus)
     write_records(out_dir / "records.csv", [])  # never leave a previous run's rows beside this run's run.json
-    info = provenance(device) | {"plan": plan.resolved(), "prompts_seeds_hash": plan.prompts_seeds_hash(),
+    info = provenance(device, cv) | {"plan": plan.resolved(), "prompts_seeds_hash": plan.prompts_seeds_hash(),
                                  "store": str(store_dir.resolve()), "run_id": run_id, "status": "running"}
     write_run_json(out_dir, info)
     tasks = Runner.task_list(plan)

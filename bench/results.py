@@ -181,7 +181,9 @@ def code_version() -> dict[str, Any]:
     return {"commit": commit or "unknown", "dirty": dirty}
 
 
-def provenance(device: str) -> dict[str, Any]:
+def provenance(device: str, git: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What produced a run. `git` is the code version read at the run's start: read again later, it would count
+    the run's own rewritten outputs (results/toy is tracked) as local changes."""
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -196,7 +198,7 @@ def provenance(device: str) -> dict[str, Any]:
         dev["torch_threads"] = torch.get_num_threads()
         if torch.cuda.is_available():
             dev["cuda"] = torch.cuda.get_device_name(0)
-    return {"git": code_version(), "packages": versions, "device": dev, "argv": sys.argv}
+    return {"git": git if git is not None else code_version(), "packages": versions, "device": dev, "argv": sys.argv}
 
 
 # run.json keeps a history: the first `bench run` into a folder computes the results, a later re-run of the same

@@ -222,3 +222,18 @@ def test_saved_rewrites_are_used_only_for_cells_records_csv_has(tmp_path):
     pd.DataFrame([row | {"seed": 7}]).to_csv(tmp_path / "report-rewrites.csv", index=False)
     found, source = resolve_rewrites([], tmp_path, df)
     assert found == [] and "stale" in source
+
+
+def test_run_json_records_the_code_version_read_before_the_run_writes_its_outputs(tmp_path, monkeypatch):
+    """The default out folder (results/toy) is tracked, so a run rewrites tracked files; a git status read after
+    that would call a clean checkout dirty. run.json and the store must carry the one reading taken at the start."""
+    import unlearn_bench.results as results
+
+    readings = iter([{"commit": "c0ffee", "dirty": False}])
+    monkeypatch.setattr(results, "code_version", lambda: next(readings, {"commit": "c0ffee", "dirty": True}))
+    out, store = tmp_path / "out", tmp_path / "store"
+    result = CliRunner().invoke(app, [*TINY, "--out", str(out), "--store", str(store)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "run.json").read_text())["git"] == {"commit": "c0ffee", "dirty": False}
+    versions = {json.loads(p.read_text()).get("code_version") for p in store.rglob("manifest.json")}
+    assert versions == {"c0ffee"}

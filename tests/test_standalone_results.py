@@ -54,7 +54,10 @@ def committed_copy(tmp_path, monkeypatch):
     return folder
 
 
-def test_committed_toy_folder_reports_from_its_own_files_without_a_store(committed_copy):
+@pytest.mark.parametrize("figures_record", [True, False], ids=["with-figures-record", "saved-before-the-record"])
+def test_committed_toy_folder_reports_from_its_own_files_without_a_store(committed_copy, figures_record):
+    if not figures_record:  # a folder saved before report-figures.json existed: grids shown, flagged as unchecked
+        (committed_copy / "report-figures.json").unlink()
     grids = sorted(committed_copy.glob("report-grid-*.png"))
     assert grids, "results/toy should hold its image grids (report-grid-*.png)"
     saved = {p.name: p.read_bytes() for p in grids}
@@ -70,7 +73,11 @@ def test_committed_toy_folder_reports_from_its_own_files_without_a_store(committ
     assert any(alt.startswith("curve ") for alt in images)  # curves are drawn from records.csv
     assert "<h2 id='board'>Leaderboard</h2>" in page and "concept-rate" in page and "lower is better" in page
     assert "No stored images found" not in page and "No image grids" not in page
-    assert "saved in the folder (report-grid-esd.png)" in page and "saved in the folder" in output
+    if figures_record:
+        assert "saved in the folder (report-grid-esd.png, " in page and "shows the images records.csv names" in page
+    else:
+        assert "saved in the folder (report-grid-esd.png) before report-figures.json recorded" in page
+    assert "saved in the folder" in output
     assert "the-other-machines-store" in page  # where it looked is stated
     assert (committed_copy / "records.csv").read_bytes() == records
 
